@@ -1,0 +1,124 @@
+"""The ``hialign`` command: wires the stages together; no method logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+logger = logging.getLogger("hialign")
+
+
+def _add_blocks(sub) -> None:
+    p = sub.add_parser("blocks", help="print a model's layer-block map and attention targets")
+    p.add_argument("--model", default=None, help="embedded (default), .gguf, folder or hub id")
+    p.add_argument("--num-blocks", type=int, default=3, help="number of contiguous blocks")
+    p.set_defaults(func=_blocks)
+
+
+def _blocks(args) -> int:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hialign.modeling import resolve_model
+    from hialign.partition import attention_modules, format_block_map, partition_layers
+
+    resolved = resolve_model(args.model)
+    # Build the architecture on the meta device: no weights are read to print the map.
+    import torch
+
+    config = AutoConfig.from_pretrained(resolved.path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    projections, path = attention_modules(model)
+    _, layers = _decoder(model)
+    blocks = partition_layers(len(layers), args.num_blocks)
+    print(f"{resolved.display_name}: {len(layers)} decoder layers at {path}")
+    print(f"attention projections per layer: {', '.join(projections)}")
+    print(format_block_map(blocks))
+    return 0
+
+
+def _decoder(model):
+    from hialign.partition import find_decoder_layers
+
+    return find_decoder_layers(model)
+
+
+def _add_stats(sub) -> None:
+    p = sub.add_parser("stats", help="statistics (NWR, Wilson, delta-method, binomial) on counts")
+    p.add_argument("counts", help="CSV with columns comparison,dimension,model,wins,losses,ties")
+    p.add_argument("--format", choices=["json", "table", "csv"], default="table")
+    p.add_argument("--out", default=None, help="write to this file instead of stdout")
+    p.set_defaults(func=_stats)
+
+
+def _stats(args) -> int:
+    from hialign.stats import stats_command
+
+    return stats_command(args.counts, fmt=args.format, out=args.out)
+
+
+def _add_judge(sub) -> None:
+    p = sub.add_parser("judge", help="pairwise LLM judging of PAIRS.jsonl on four dimensions")
+    p.add_argument("pairs", help="JSONL rows {id, prompt, response_a, response_b}")
+    p.add_argument("--out", required=True, help="output JSONL of verdicts")
+    p.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL (e.g. .../v1)")
+    p.add_argument("--judge-model", default=None, help="model name at the endpoint, or local HF")
+    p.add_argument("--api-key-env", default="HIALIGN_JUDGE_API_KEY", help="env var with the key")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    p.add_argument("--cache", default=None, help="SQLite cache of judge calls")
+    p.add_argument("--max-retries", type=int, default=5, help="HTTP retries per call")
+    p.add_argument("--parse-retries", type=int, default=2, help="re-asks on unparseable output")
+    p.set_defaults(func=_judge)
+
+
+def _judge(args) -> int:
+    from hialign.judge.command import judge_command
+
+    return judge_command(args)
+
+
+def _add_run(sub) -> None:
+    from hialign.config import add_run_arguments
+
+    p = sub.add_parser("run", help="the whole experiment: train, merge, generate, judge, report")
+    add_run_arguments(p)
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from hialign.config import config_from_args
+    from hialign.experiment import run_experiment
+
+    run_experiment(config_from_args(args))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hialign", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_run, _add_blocks, _add_stats, _add_judge):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        # Known, user-facing failures: one clear line, no traceback. Others keep theirs.
+        logger.error("%s: %s", type(err).__name__, err)
+        if args.verbose:
+            raise
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
