@@ -1,0 +1,142 @@
+"""Run configuration: one dataclass with defaults and help text, loadable from YAML, overridable
+on the command line. The defaults are sized to finish on a 2-core CPU in well under 45 minutes;
+every size flag scales up for GPU users.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+DEFAULT_STRATEGIES = "full,local,mid,global"
+
+
+def _opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class RunConfig:
+    """Everything ``hialign run`` needs. Field names are the YAML keys and the CLI flags."""
+
+    data: str = _opt(None, "preference data: .jsonl[.gz] file, folder of them, or hub id")
+    out: str = _opt(None, "output folder (re-running resumes finished stages)")
+    model: str | None = _opt(None, "embedded SmolLM2 (default), a .gguf file, a folder or hub id")
+    data_split: str = _opt("test", "split to read when --data is a hub id")
+    strict: bool = _opt(False, "stop at the first malformed row instead of skipping it")
+
+    strategies: str = _opt(DEFAULT_STRATEGIES, "comma list: full, local, mid, global, a+b unions")
+    num_blocks: int = _opt(3, "contiguous blocks the layers are split into")
+    blocks: str | None = _opt(None, "explicit blocks, e.g. 0-9,10-19,20-29 (overrides thirds)")
+
+    train_pairs: int = _opt(128, "preference pairs used for training")
+    eval_prompts: int = _opt(40, "held-out prompts every group answers and the judge compares")
+    max_length: int = _opt(256, "max tokens of prompt + response in training")
+    min_response_tokens: int = _opt(8, "pairs leaving fewer response tokens are dropped")
+
+    beta: float = _opt(0.1, "DPO temperature beta")
+    learning_rate: float = _opt(5e-4, "AdamW learning rate for the LoRA parameters")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    warmup_steps: int = _opt(2, "linear learning-rate warm-up steps")
+    lora_rank: int = _opt(8, "LoRA rank r")
+    lora_alpha: int = _opt(16, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = _opt(0.0, "LoRA dropout (0 keeps the first step's loss exactly log 2)")
+    batch_size: int = _opt(4, "pairs per micro-batch")
+    grad_accum: int = _opt(1, "micro-batches per optimiser step")
+    epochs: int = _opt(1, "passes over the training pairs")
+    max_steps: int = _opt(0, "stop after this many optimiser steps (0 = no limit)")
+    seed: int = _opt(42, "seed for data split, order and initialisation")
+    precision: str = _opt("bf16", "bf16 (autocast) or fp32", choices=("bf16", "fp32"))
+
+    max_new_tokens: int = _opt(96, "generation length per answer")
+    gen_batch_size: int = _opt(8, "prompts per generation batch (left padded)")
+    do_sample: bool = _opt(False, "sample instead of greedy decoding")
+    temperature: float = _opt(0.7, "sampling temperature (only with --do-sample)")
+    top_p: float = _opt(0.95, "nucleus sampling p (only with --do-sample)")
+
+    judge_url: str | None = _opt(None, "OpenAI-compatible base URL; none = local judge")
+    judge_model: str | None = _opt(None, "judge model name at the endpoint, or local model spec")
+    judge_api_key_env: str = _opt("HIALIGN_JUDGE_API_KEY", "env var holding the judge API key")
+    judge_concurrency: int = _opt(4, "judge requests in flight")
+    judge_max_retries: int = _opt(5, "HTTP retries per judge call")
+    judge_parse_retries: int = _opt(2, "re-asks when the judge's answer cannot be parsed")
+
+    save_merged: bool = _opt(True, "save each merged model (safetensors) next to its adapter")
+
+    def validate(self) -> None:
+        if not self.data:
+            raise ValueError("--data is required")
+        if not self.out:
+            raise ValueError("--out is required")
+        positive = ("train_pairs", "eval_prompts", "max_length", "batch_size", "grad_accum")
+        for name in positive + ("epochs", "lora_rank", "max_new_tokens", "gen_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.beta <= 0:
+            raise ValueError("--beta must be > 0")
+
+    def strategy_list(self) -> list[str]:
+        return [s.strip() for s in self.strategies.split(",") if s.strip()]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SMOKE = dict(
+    train_pairs=8,
+    eval_prompts=3,
+    max_length=128,
+    batch_size=2,
+    max_steps=2,
+    max_new_tokens=16,
+    gen_batch_size=4,
+)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field (``--train-pairs``), plus ``--config`` and ``--smoke``."""
+    parser.add_argument("--config", default=None, help="YAML file with RunConfig keys")
+    parser.add_argument("--smoke", action="store_true", help=f"tiny preset for tests: {SMOKE}")
+    for f in fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"] + (f" (default: {f.default})" if f.default else "")
+        if f.type in ("bool", bool):
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        parser.add_argument(
+            flag, type=kind, default=None, help=help_text, choices=f.metadata.get("choices")
+        )
+
+
+def load_yaml_config(path: str | Path) -> dict:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of RunConfig keys")
+    known = {f.name for f in fields(RunConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; known keys are {sorted(known)}")
+    return data
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Defaults < --smoke preset < YAML file < explicit flags."""
+    values: dict = {}
+    if args.smoke:
+        values.update(SMOKE)
+    if args.config:
+        values.update(load_yaml_config(args.config))
+    for f in fields(RunConfig):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = given
+    config = RunConfig(**values)
+    config.validate()
+    return config
