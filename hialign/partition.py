@@ -97,7 +97,8 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     candidates = [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and len(module) > 0
+        if isinstance(module, nn.ModuleList)
+        and len(module) > 0
         and len({type(m) for m in module}) == 1
     ]
     if expected is not None:
