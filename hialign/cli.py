@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
+    except (ValueError, RuntimeError, OSError) as err:
         # Known, user-facing failures: one clear line, no traceback. Others keep theirs.
         logger.error("%s: %s", type(err).__name__, err)
         if args.verbose:
