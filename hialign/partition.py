@@ -62,7 +62,7 @@ def partition_layers(
 def blocks_from_spans(spec: str, num_layers: int) -> list[Block]:
     """Parse explicit blocks like ``0-9,10-19,20-29``; they must cover every layer once."""
     blocks = []
-    for i, part in enumerate(spec.split(",")):
+    for part in spec.split(","):
         try:
             lo, hi = (int(x) for x in part.strip().split("-"))
         except ValueError as err:

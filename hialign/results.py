@@ -92,8 +92,7 @@ def judge_groups(
 def comparison_rows(tallies: dict, model_name: str) -> list[dict]:
     """One statistics row per comparison x dimension; rows with only invalid verdicts keep their
     counts and get no statistics (None) rather than invented ones."""
-    from hialign.report import DIMENSION_LABELS
-    from hialign.stats import comparison_stats
+    from hialign.stats import DIMENSION_LABELS, comparison_stats
 
     rows = []
     for (name, dim), counts in tallies.items():
