@@ -41,7 +41,7 @@ class RunConfig:
     beta: float = _opt(0.1, "DPO temperature beta")
     learning_rate: float = _opt(5e-4, "AdamW learning rate for the LoRA parameters")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
-    warmup_steps: int = _opt(2, "linear learning-rate warm-up steps")
+    warmup_steps: int = _opt(0, "linear learning-rate warm-up steps")
     lora_rank: int = _opt(8, "LoRA rank r")
     lora_alpha: int = _opt(16, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = _opt(0.0, "LoRA dropout (0 keeps the first step's loss exactly log 2)")

@@ -156,9 +156,12 @@ def _significance_section(rows: list[dict]) -> list[str]:
     body = []
     for s in stats:
         p = s["win_rate_excl_ties"]
-        win = "n/a" if p is None else f"{p:.3f} "
-        win += format_interval(s["win_rate_ci_low"], s["win_rate_ci_high"], signed=False)
-        nwr = f"{s['net_win_rate']:+.3f} " + format_interval(s["nwr_ci_low"], s["nwr_ci_high"])
+        win = "n/a (all ties)" if p is None else f"{p:.3f} " + format_interval(
+            s["win_rate_ci_low"], s["win_rate_ci_high"], signed=False
+        )
+        nwr = f"{s['net_win_rate']:+.3f}"
+        if s["nwr_ci_low"] is not None:
+            nwr += " " + format_interval(s["nwr_ci_low"], s["nwr_ci_high"])
         mark = "**yes**" if s["p_value"] < ALPHA else "no"
         line = [s["comparison"], s["dimension"], str(s["total"]), nwr, win]
         body.append(([s["model"]] if several else []) + line + [format_p_value(s["p_value"]), mark])

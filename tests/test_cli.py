@@ -1,0 +1,24 @@
+"""The command line: block map and clear errors."""
+
+from hialign.cli import main
+
+
+def test_blocks_prints_the_thirds_map_of_smollm2(capsys, smollm2_path):
+    assert main(["blocks"]) == 0
+    out = capsys.readouterr().out
+    assert "30 decoder layers" in out
+    assert "local: layers     0-9 (10 layers)" in out
+    assert "global: layers   20-29 (10 layers)" in out
+    assert "self_attn.q_proj" in out
+
+
+def test_blocks_with_four_blocks(capsys, smollm2_path):
+    assert main(["blocks", "--num-blocks", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "block0: layers     0-7 (8 layers)" in out
+    assert "block3: layers   23-29 (7 layers)" in out
+
+
+def test_missing_gguf_is_a_one_line_error(caplog):
+    assert main(["blocks", "--model", "/nowhere/model.gguf"]) == 2
+    assert "GGUF file not found: /nowhere/model.gguf" in caplog.text
