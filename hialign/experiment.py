@@ -3,6 +3,8 @@
 
 Every finished stage leaves its output in the run folder (adapters, training logs, generations,
 judge cache); re-running the same command skips what is done, so a crash loses little.
+Across several processes (``accelerate launch``) every process trains its share of each batch;
+merging, generation, judging and the report run on the main process only.
 """
 
 from __future__ import annotations
@@ -46,295 +48,272 @@ def plan_comparisons(strategies: list[str]) -> list[tuple[str, str, str]]:
     return [(f"{a} vs. {b}", a, b) for a, b in pairs]
 
 
-def _autocast_factory(precision: str, device: torch.device):
+def autocast_factory(precision: str, device: torch.device):
+    """A zero-argument context-manager factory: bf16 autocast, or a no-op for fp32."""
     if precision == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
 
-def _write_json(path: Path, data) -> None:
+def write_json(path: Path, data) -> None:
+    """Write JSON atomically, so a crash never leaves a half-written file to resume from."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     tmp.rename(path)
 
 
-def _add_file_log(out: Path) -> logging.Handler:
+def run_experiment(config: RunConfig) -> dict:
+    """Run the whole experiment of ``config``; return the results dict (also results.json)."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(out / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
-    return handler
-
-
-def run_experiment(config: RunConfig) -> dict:
-    """Run the whole experiment of ``config``; return the results dict (also results.json)."""
-    from accelerate import Accelerator
-
-    from hialign.data import collate_pairs, load_preferences, split_train_eval, tokenize_pairs
-
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    handler = _add_file_log(out)
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
     try:
-        (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-
-        # Data first: --strict must fail on a malformed row before any model is loaded.
-        data = load_preferences(config.data, strict=config.strict, split=config.data_split)
-        train_pairs, eval_pairs = split_train_eval(
-            data.pairs, config.train_pairs, config.eval_prompts, config.seed
-        )
-        timings["data"] = time.perf_counter() - clock
-
-        accelerator = Accelerator()
-        autocast = _autocast_factory(config.precision, accelerator.device)
-        base, tokenizer, resolved = load_model(config.model)
-        base.to(accelerator.device)
-        projections, layer_path = attention_modules(base)
-        num_layers = len(find_decoder_layers(base)[1])
-        blocks = (
-            blocks_from_spans(config.blocks, num_layers)
-            if config.blocks
-            else partition_layers(num_layers, config.num_blocks)
-        )
-        logger.info(
-            "%s: %d layers; blocks:\n%s",
-            resolved.display_name,
-            num_layers,
-            format_block_map(blocks),
-        )
-
-        tokenized, too_long = tokenize_pairs(
-            tokenizer, train_pairs, config.max_length, config.min_response_tokens
-        )
-        if not tokenized:
-            raise ValueError(f"no training pair fits --max-length {config.max_length}")
-        strategies = config.strategy_list()
-        comparisons = plan_comparisons(strategies)
-        settings = TrainSettings(
-            beta=config.beta,
-            learning_rate=config.learning_rate,
-            weight_decay=config.weight_decay,
-            warmup_steps=config.warmup_steps,
-            batch_size=config.batch_size,
-            grad_accum=config.grad_accum,
-            epochs=config.epochs,
-            max_steps=config.max_steps,
-            seed=config.seed,
-        )
-        steps = settings.total_steps(len(tokenized))
-        judge_calls = len(comparisons) * len(eval_pairs) * 2
-        logger.info(
-            "plan: %d train pairs (%d dropped as too long), %d strategies x %d steps, "
-            "%d eval prompts x %d groups = %d answers, %d comparisons x %d prompts x 2 orders = "
-            "%d judge calls (4 dimensions each)",
-            len(tokenized),
-            len(too_long),
-            len(strategies),
-            steps,
-            len(eval_pairs),
-            len(strategies) + 1,
-            len(eval_pairs) * (len(strategies) + 1),
-            len(comparisons),
-            len(eval_pairs),
-            judge_calls,
-        )
-
-        def make_batch(indices: list[int]) -> dict[str, torch.Tensor]:
-            return collate_pairs([tokenized[i] for i in indices], tokenizer.pad_token_id)
-
-        # Reference log-probs of the frozen base: once for all strategies (and re-runs).
-        clock = time.perf_counter()
-        ref_batches = [
-            make_batch(list(range(i, min(i + config.batch_size, len(tokenized)))))
-            for i in range(0, len(tokenized), config.batch_size)
-        ]
-        key = reference_key(
-            resolved.path,
-            [[t.prompt_ids, t.chosen_ids, t.rejected_ids] for t in tokenized],
-            config.precision,
-        )
-        device_batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in ref_batches]
-        reference, _ = cached_reference_logps(
-            key, lambda: compute_logps(base, device_batches, autocast)
-        )
-        timings["reference"] = time.perf_counter() - clock
-
-        decoding = DecodingSettings(
-            max_new_tokens=config.max_new_tokens,
-            batch_size=config.gen_batch_size,
-            do_sample=config.do_sample,
-            temperature=config.temperature,
-            top_p=config.top_p,
-            seed=config.seed,
-        )
-        eval_prompts = [list(p.prompt) for p in eval_pairs]
-        answers = {
-            BASE_GROUP: _generate_group(
-                out, BASE_GROUP, base, tokenizer, eval_prompts, decoding, autocast, timings
-            )
-        }
-
-        training: dict[str, dict] = {}
-        for strategy in strategies:
-            result, group_answers = _train_strategy(
-                strategy,
-                config,
-                resolved,
-                tokenizer,
-                blocks,
-                make_batch,
-                reference,
-                settings,
-                accelerator,
-                autocast,
-                eval_prompts,
-                decoding,
-                out,
-                timings,
-            )
-            training[strategy] = result
-            answers[group_name(strategy)] = group_answers
-            accelerator.free_memory()  # drop the finished strategy's model and optimiser
-
-        judged = judge_groups(
-            config, out, base, tokenizer, resolved, eval_pairs, answers, comparisons, timings
-        )
-        results = assemble_results(
-            config,
-            resolved,
-            num_layers,
-            projections,
-            blocks,
-            strategies,
-            data,
-            train_pairs,
-            eval_pairs,
-            too_long,
-            training,
-            decoding,
-            judged,
-            comparisons,
-            timings,
-        )
-        _write_json(out / "results.json", results)
-        from hialign.report import write_report
-
-        report = write_report(results, out)
-        logger.info("report written to %s", report)
-        return results
+        return Experiment(config, out).run()
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
 
 
-def _generate_group(out, group, model, tokenizer, prompts, decoding, autocast, timings) -> list:
-    """Answers of one group, read back from its JSONL when a previous run finished them."""
-    path = out / "generations" / f"{group.replace(' ', '_')}.jsonl"
-    settings = asdict(decoding)
-    if path.is_file():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if len(rows) == len(prompts) and all(
-            r["prompt"] == p and r["decoding"] == settings for r, p in zip(rows, prompts)
-        ):
-            logger.info("%s: reusing %d answers from %s", group, len(rows), path)
-            return [r["answer"] for r in rows]
-    clock = time.perf_counter()
-    answers = generate_answers(model, tokenizer, prompts, decoding, autocast, desc=group)
-    path.parent.mkdir(exist_ok=True)
-    with open(path.with_suffix(".tmp"), "w") as f:
-        for i, (prompt, answer) in enumerate(zip(prompts, answers)):
-            row = dict(index=i, group=group, prompt=prompt, answer=answer, decoding=settings)
-            f.write(json.dumps(row) + "\n")
-    path.with_suffix(".tmp").rename(path)
-    timings[f"generate {group}"] = time.perf_counter() - clock
-    return answers
+class Experiment:
+    """State shared by the stages of one run; each method is one stage."""
 
+    def __init__(self, config: RunConfig, out: Path):
+        self.config, self.out = config, out
+        self.timings: dict[str, float] = {}
+        self.answers: dict[str, list[str]] = {}
+        self.training: dict[str, dict] = {}
 
-def _train_strategy(
-    strategy,
-    config,
-    resolved,
-    tokenizer,
-    blocks,
-    make_batch,
-    reference,
-    settings,
-    accelerator,
-    autocast,
-    prompts,
-    decoding,
-    out,
-    timings,
-):
-    """Train (or reload) one strategy's adapter, merge it, and answer the eval prompts."""
-    from peft import PeftModel
+    def _timed(self, name: str, start: float) -> None:
+        self.timings[name] = round(time.perf_counter() - start, 2)
 
-    folder = out / "strategies" / strategy
-    log_path = folder / "training.json"
-    model, _, _ = load_model(resolved.path)  # a fresh base: merging modifies weights in place
-    model.to(accelerator.device)
-    clock = time.perf_counter()
-    if log_path.is_file() and (folder / "adapter" / "adapter_config.json").is_file():
-        logger.info("%s: reusing the trained adapter in %s", strategy, folder / "adapter")
-        result = json.loads(log_path.read_text())
-        peft_model = PeftModel.from_pretrained(model, folder / "adapter")
-    else:
-        peft_model, summary = add_block_lora(
-            model, strategy, blocks, config.lora_rank, config.lora_alpha, config.lora_dropout
+    def run(self) -> dict:
+        from accelerate import Accelerator
+
+        config = self.config
+        (self.out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        self.load_data()  # first: --strict fails on a malformed row before any model loads
+
+        self.accelerator = Accelerator()
+        self.main = self.accelerator.is_main_process
+        self.autocast = autocast_factory(config.precision, self.accelerator.device)
+        self.base, self.tokenizer, self.resolved = load_model(config.model)
+        self.base.to(self.accelerator.device)
+        self.partition()
+        self.tokenize()
+        self.log_plan()
+        self.reference = self.reference_logps()
+
+        self.decoding = DecodingSettings(
+            max_new_tokens=config.max_new_tokens, batch_size=config.gen_batch_size,
+            do_sample=config.do_sample, temperature=config.temperature, top_p=config.top_p,
+            seed=config.seed,
+        )  # fmt: skip
+        self.generate(BASE_GROUP, self.base)
+        for strategy in self.strategies:
+            self.train_strategy(strategy)
+            self.accelerator.free_memory()  # drop the finished strategy's model and optimiser
+        self.accelerator.wait_for_everyone()
+        if not self.main:
+            return {}
+        return self.evaluate()
+
+    def load_data(self) -> None:
+        from hialign.data import load_preferences, split_train_eval
+
+        start, config = time.perf_counter(), self.config
+        self.data = load_preferences(config.data, strict=config.strict, split=config.data_split)
+        self.train_pairs, self.eval_pairs = split_train_eval(
+            self.data.pairs, config.train_pairs, config.eval_prompts, config.seed
         )
-        torch.manual_seed(config.seed)
-        history = train_dpo(
-            peft_model,
-            make_batch,
-            reference,
-            settings,
-            accelerator,
-            autocast,
-            desc=f"DPO {strategy}",
-        )
-        peft_model = accelerator.unwrap_model(peft_model)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_adapter(peft_model, folder / "adapter")
-        result = _training_summary(summary, history, time.perf_counter() - clock)
-        _write_json(log_path, result)
-        timings[f"train {strategy}"] = time.perf_counter() - clock
+        self.eval_prompts = [list(p.prompt) for p in self.eval_pairs]
+        self._timed("data", start)
+
+    def partition(self) -> None:
+        self.projections, _ = attention_modules(self.base)
+        self.num_layers = len(find_decoder_layers(self.base)[1])
+        spec = self.config.blocks
+        if spec == "auto":
+            from hialign.probe import auto_blocks
+
+            self.blocks = auto_blocks(
+                self.base, self.tokenizer, self.train_pairs, self.config.num_blocks
+            )
+        elif spec:
+            self.blocks = blocks_from_spans(spec, self.num_layers)
+        else:
+            self.blocks = partition_layers(self.num_layers, self.config.num_blocks)
         logger.info(
-            "%s: %d steps, loss %.4f -> %.4f, reward accuracy %.2f, margin %.3f (%.0f s)",
-            strategy,
-            result["steps"],
-            result["first_loss"],
-            result["final_loss"],
-            result["final_reward_accuracy"],
-            result["final_margin"],
-            result["seconds"],
+            "%s: %d layers; blocks:\n%s",
+            self.resolved.display_name, self.num_layers, format_block_map(self.blocks),
+        )  # fmt: skip
+
+    def tokenize(self) -> None:
+        from hialign.data import tokenize_pairs
+
+        config = self.config
+        self.tokenized, self.too_long = tokenize_pairs(
+            self.tokenizer, self.train_pairs, config.max_length, config.min_response_tokens
         )
-    merged_dir = folder / "merged" if config.save_merged else None
-    if merged_dir is not None and (merged_dir / "config.json").is_file():
-        merged_dir = None  # saved by an earlier run
-    merged = merge_and_save(peft_model, tokenizer, merged_dir)
-    answers = _generate_group(
-        out, group_name(strategy), merged, tokenizer, prompts, decoding, autocast, timings
-    )
-    return result, answers
+        if not self.tokenized:
+            raise ValueError(f"no training pair fits --max-length {config.max_length}")
+        self.strategies = config.strategy_list()
+        self.comparisons = plan_comparisons(self.strategies)
+        self.settings = TrainSettings(
+            beta=config.beta, learning_rate=config.learning_rate,
+            weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
+            batch_size=config.batch_size, grad_accum=config.grad_accum, epochs=config.epochs,
+            max_steps=config.max_steps, seed=config.seed,
+        )  # fmt: skip
+
+    def log_plan(self) -> None:
+        n_prompts, n_groups = len(self.eval_pairs), len(self.strategies) + 1
+        calls = len(self.comparisons) * n_prompts * 2
+        logger.info(
+            "plan:\n  train: %d pairs (%d dropped as too long), strategies %s, %d steps each "
+            "(batch %d x accumulation %d, max length %d, %s)\n  generate: %d held-out prompts x "
+            "%d groups = %d answers (max %d new tokens)\n  judge: %d comparisons x %d prompts x "
+            "2 orders = %d calls, 4 dimensions each",
+            len(self.tokenized), len(self.too_long), ", ".join(self.strategies),
+            self.settings.total_steps(len(self.tokenized)), self.config.batch_size,
+            self.config.grad_accum, self.config.max_length, self.config.precision, n_prompts,
+            n_groups, n_prompts * n_groups, self.config.max_new_tokens, len(self.comparisons),
+            n_prompts, calls,
+        )  # fmt: skip
+
+    def make_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        from hialign.data import collate_pairs
+
+        batch = [self.tokenized[i] for i in indices]
+        return collate_pairs(batch, self.tokenizer.pad_token_id)
+
+    def reference_logps(self) -> torch.Tensor:
+        """Log-probs of the frozen base, once for every strategy (and cached for re-runs)."""
+        start, size, n = time.perf_counter(), self.config.batch_size, len(self.tokenized)
+        key = reference_key(
+            self.resolved.path,
+            [[t.prompt_ids, t.chosen_ids, t.rejected_ids] for t in self.tokenized],
+            self.config.precision,
+        )
+        device = self.accelerator.device
+
+        def compute() -> torch.Tensor:
+            batches = [
+                {
+                    k: v.to(device)
+                    for k, v in self.make_batch(list(range(i, min(i + size, n)))).items()
+                }
+                for i in range(0, n, size)
+            ]
+            return compute_logps(self.base, batches, self.autocast)
+
+        reference, _ = cached_reference_logps(key, compute)
+        self._timed("reference", start)
+        return reference
+
+    def generate(self, group: str, model) -> None:
+        """Answers of one group, read back from its JSONL when a previous run finished them."""
+        if not self.main:
+            return
+        path = self.out / "generations" / f"{group.replace(' ', '_')}.jsonl"
+        settings = asdict(self.decoding)
+        if path.is_file():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            if len(rows) == len(self.eval_prompts) and all(
+                r["prompt"] == p and r["decoding"] == settings
+                for r, p in zip(rows, self.eval_prompts)
+            ):
+                logger.info("%s: reusing %d answers from %s", group, len(rows), path)
+                self.answers[group] = [r["answer"] for r in rows]
+                return
+        start = time.perf_counter()
+        answers = generate_answers(
+            model, self.tokenizer, self.eval_prompts, self.decoding, self.autocast, desc=group
+        )
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            for i, (prompt, answer) in enumerate(zip(self.eval_prompts, answers)):
+                row = dict(index=i, group=group, prompt=prompt, answer=answer, decoding=settings)
+                f.write(json.dumps(row) + "\n")
+        tmp.rename(path)
+        self.answers[group] = answers
+        self._timed(f"generate {group}", start)
+
+    def train_strategy(self, strategy: str) -> None:
+        """Train (or reload) one strategy's adapter, merge it, and answer the eval prompts."""
+        from peft import PeftModel
+
+        config, folder = self.config, self.out / "strategies" / strategy
+        log_path = folder / "training.json"
+        model, _, _ = load_model(self.resolved.path)  # fresh base: merging changes weights
+        model.to(self.accelerator.device)
+        start = time.perf_counter()
+        if log_path.is_file() and (folder / "adapter" / "adapter_config.json").is_file():
+            logger.info("%s: reusing the trained adapter in %s", strategy, folder / "adapter")
+            result = json.loads(log_path.read_text())
+            peft_model = PeftModel.from_pretrained(model, folder / "adapter")
+        else:
+            peft_model, summary = add_block_lora(
+                model, strategy, self.blocks, config.lora_rank, config.lora_alpha,
+                config.lora_dropout,
+            )  # fmt: skip
+            torch.manual_seed(config.seed)
+            history = train_dpo(
+                peft_model, self.make_batch, self.reference, self.settings, self.accelerator,
+                self.autocast, desc=f"DPO {strategy}",
+            )  # fmt: skip
+            peft_model = self.accelerator.unwrap_model(peft_model)
+            result = training_summary(summary, history, time.perf_counter() - start)
+            if self.main:
+                save_adapter(peft_model, folder / "adapter")
+                write_json(log_path, result)
+            self._timed(f"train {strategy}", start)
+            logger.info(
+                "%s: %d steps, loss %.4f -> %.4f, reward accuracy %.2f, margin %.3f (%.0f s)",
+                strategy, result["steps"], result["first_loss"], result["final_loss"],
+                result["final_reward_accuracy"], result["final_margin"], result["seconds"],
+            )  # fmt: skip
+        self.training[strategy] = result
+        if not self.main:
+            return
+        merged_dir = folder / "merged" if config.save_merged else None
+        if merged_dir is not None and (merged_dir / "config.json").is_file():
+            merged_dir = None  # saved by an earlier run
+        merged = merge_and_save(peft_model, self.tokenizer, merged_dir)
+        self.generate(group_name(strategy), merged)
+
+    def evaluate(self) -> dict:
+        """Judge, count, compute statistics, and write results.json and the report."""
+        from hialign.report import write_report
+
+        judged = judge_groups(
+            self.config, self.out, self.base, self.tokenizer, self.resolved, self.eval_pairs,
+            self.answers, self.comparisons, self.timings,
+        )  # fmt: skip
+        results = assemble_results(
+            self.config, self.resolved, self.num_layers, self.projections, self.blocks,
+            self.strategies, self.data, self.train_pairs, self.eval_pairs, self.too_long,
+            self.training, self.decoding, judged, self.comparisons, self.timings,
+        )  # fmt: skip
+        write_json(self.out / "results.json", results)
+        report = write_report(results, self.out)
+        logger.info("report written to %s", report)
+        return results
 
 
-def _training_summary(summary, history: list[dict], seconds: float) -> dict:
+def training_summary(summary, history: list[dict], seconds: float) -> dict:
+    """What results.json keeps of a strategy's training: targets, curve and end metrics."""
     tail = history[-max(1, len(history) // 10) :]  # last 10% of steps
 
-    def mean(key):
+    def mean(key: str) -> float:
         return sum(h[key] for h in tail) / len(tail)
 
     return dict(
-        layers=summary.layers,
-        lora_modules=len(summary.modules),
-        modules=summary.modules,
-        trainable_params=summary.trainable_params,
-        steps=len(history),
-        seconds=seconds,
-        first_loss=history[0]["loss"],
-        final_loss=mean("loss"),
-        final_reward_accuracy=mean("reward_accuracy"),
-        final_margin=mean("reward_margin"),
+        layers=summary.layers, lora_modules=len(summary.modules), modules=summary.modules,
+        trainable_params=summary.trainable_params, steps=len(history), seconds=seconds,
+        first_loss=history[0]["loss"], final_loss=mean("loss"),
+        final_reward_accuracy=mean("reward_accuracy"), final_margin=mean("reward_margin"),
         history=history,
-    )
+    )  # fmt: skip
