@@ -78,6 +78,23 @@ def _judge(args) -> int:
     return judge_command(args)
 
 
+def _add_probe(sub) -> None:
+    from hialign.probe_report import add_probe_arguments
+
+    p = sub.add_parser(
+        "probe",
+        help="Hypothesis-2 probe: per-layer DPO gradient norms, verdict, data-driven blocks",
+    )
+    add_probe_arguments(p)
+    p.set_defaults(func=_probe)
+
+
+def _probe(args) -> int:
+    from hialign.probe_report import probe_command
+
+    return probe_command(args)
+
+
 def _add_run(sub) -> None:
     from hialign.config import add_run_arguments
 
@@ -98,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hialign", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_run, _add_blocks, _add_stats, _add_judge):
+    for add in (_add_run, _add_blocks, _add_stats, _add_judge, _add_probe):
         add(sub)
     return parser
 

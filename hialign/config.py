@@ -31,7 +31,9 @@ class RunConfig:
 
     strategies: str = _opt(DEFAULT_STRATEGIES, "comma list: full, local, mid, global, a+b unions")
     num_blocks: int = _opt(3, "contiguous blocks the layers are split into")
-    blocks: str | None = _opt(None, "explicit blocks, e.g. 0-9,10-19,20-29 (overrides thirds)")
+    blocks: str | None = _opt(
+        None, "0-9,10-19,20-29 (explicit) or auto (from the gradient probe); default: equal thirds"
+    )
 
     train_pairs: int = _opt(128, "preference pairs used for training")
     eval_prompts: int = _opt(40, "held-out prompts every group answers and the judge compares")

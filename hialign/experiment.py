@@ -134,12 +134,14 @@ class Experiment:
         self.projections, _ = attention_modules(self.base)
         self.num_layers = len(find_decoder_layers(self.base)[1])
         spec = self.config.blocks
-        if spec == "auto":
-            from hialign.probe import auto_blocks
+        if spec == "auto":  # from the gradient-concentration probe's per-layer profile
+            from hialign.segmentation import auto_blocks
 
             self.blocks = auto_blocks(
-                self.base, self.tokenizer, self.train_pairs, self.config.num_blocks
-            )
+                self.base, self.tokenizer, self.train_pairs, self.config.num_blocks,
+                max_length=self.config.max_length, beta=self.config.beta,
+                seed=self.config.seed, autocast=self.autocast,
+            )  # fmt: skip
         elif spec:
             self.blocks = blocks_from_spans(spec, self.num_layers)
         else:
