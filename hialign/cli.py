@@ -69,6 +69,13 @@ def _add_judge(sub) -> None:
     p.add_argument("--cache", default=None, help="SQLite cache of judge calls")
     p.add_argument("--max-retries", type=int, default=5, help="HTTP retries per call")
     p.add_argument("--parse-retries", type=int, default=2, help="re-asks on unparseable output")
+    p.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per HTTP request")
+    p.add_argument("--judge-max-tokens", type=int, default=4096, help="completion cap per call")
+    p.add_argument(
+        "--judge-prices",
+        default=None,
+        help="PROMPT,COMPLETION cost per million tokens, e.g. 0.55,2.19 (adds cost to the summary)",
+    )
     p.set_defaults(func=_judge)
 
 
@@ -78,9 +85,38 @@ def _judge(args) -> int:
     return judge_command(args)
 
 
-def _add_probe(sub) -> None:
-    from hialign.probe_report import add_probe_arguments
+PROBE_DEFAULT_PAIRS = 160  # sized to run in ~5 minutes on 2 CPU cores
 
+
+def add_probe_arguments(parser) -> None:
+    """The flags of ``hialign probe``."""
+    add = parser.add_argument
+    add("--model", default=None, help="embedded SmolLM2 (default), a .gguf file, folder or hub id")
+    add("--data", required=True, help="preference data: .jsonl[.gz] file, folder, or hub id")
+    add("--data-split", default="test", help="split to read when --data is a hub id")
+    add("--strict", action="store_true", help="stop at the first malformed row")
+    add(
+        "--pairs",
+        type=int,
+        default=PROBE_DEFAULT_PAIRS,
+        help=f"pairs probed (default {PROBE_DEFAULT_PAIRS})",
+    )
+    add("--out", default="runs/probe", help="output folder (default runs/probe)")
+    add("--max-length", type=int, default=256, help="max tokens of prompt + response")
+    add("--batch-size", type=int, default=4, help="pairs per forward/backward")
+    add("--beta", type=float, default=0.1, help="DPO beta (scales all norms, not their ratios)")
+    add("--precision", choices=("bf16", "fp32"), default="bf16", help="bf16 autocast or fp32")
+    add("--num-blocks", type=int, default=3, help="K, number of contiguous blocks")
+    add("--blocks", default=None, help="blocks to test: equal (default), 0-9,10-19,20-29 or auto")
+    add("--min-block-size", type=int, default=None, help="smallest auto block (default L/2K)")
+    add("--tag-column", default=None, help="raw JSONL column whose values split pairs by objective")
+    add("--subset", action="append", help="NAME=REGEX: pairs whose prompt matches (repeatable)")
+    add("--bootstrap", type=int, default=2000, help="bootstrap resamples of the pairs")
+    add("--seed", type=int, default=42, help="seed of pair sampling and bootstrap")
+    add("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+
+
+def _add_probe(sub) -> None:
     p = sub.add_parser(
         "probe",
         help="Hypothesis-2 probe: per-layer DPO gradient norms, verdict, data-driven blocks",

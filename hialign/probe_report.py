@@ -45,7 +45,6 @@ logger = logging.getLogger(__name__)
 # SmolLM2-135M, bf16, max length 256, 2 CPU cores: 160 hh-rlhf pairs took 468 CPU-seconds
 # (11 min wall on a machine shared at load ~5), so about 4-5 min unloaded; the headroom covers
 # data whose pairs fill the whole max length.
-DEFAULT_PAIRS = 160
 VERDICT_RULE = (
     "Rule: Hypothesis 2 holds for a group when the 95% percentile-bootstrap interval (pairs "
     "resampled with replacement, all blocks from the same resample) of the top block's mean "
@@ -337,29 +336,6 @@ def run_probe(args) -> dict:
         f"DPO gradient per layer: {resolved.display_name}, {Path(args.data).name}",
     )
     return result
-
-
-def add_probe_arguments(parser) -> None:
-    """The flags of ``hialign probe``."""
-    add = parser.add_argument
-    add("--model", default=None, help="embedded SmolLM2 (default), a .gguf file, folder or hub id")
-    add("--data", required=True, help="preference data: .jsonl[.gz] file, folder, or hub id")
-    add("--data-split", default="test", help="split to read when --data is a hub id")
-    add("--strict", action="store_true", help="stop at the first malformed row")
-    add("--pairs", type=int, default=DEFAULT_PAIRS, help=f"pairs probed (default {DEFAULT_PAIRS})")
-    add("--out", default="runs/probe", help="output folder (default runs/probe)")
-    add("--max-length", type=int, default=256, help="max tokens of prompt + response")
-    add("--batch-size", type=int, default=4, help="pairs per forward/backward")
-    add("--beta", type=float, default=0.1, help="DPO beta (scales all norms, not their ratios)")
-    add("--precision", choices=("bf16", "fp32"), default="bf16", help="bf16 autocast or fp32")
-    add("--num-blocks", type=int, default=3, help="K, number of contiguous blocks")
-    add("--blocks", default=None, help="blocks to test: equal (default), 0-9,10-19,20-29 or auto")
-    add("--min-block-size", type=int, default=None, help="smallest auto block (default L/2K)")
-    add("--tag-column", default=None, help="raw JSONL column whose values split pairs by objective")
-    add("--subset", action="append", help="NAME=REGEX: pairs whose prompt matches (repeatable)")
-    add("--bootstrap", type=int, default=2000, help="bootstrap resamples of the pairs")
-    add("--seed", type=int, default=42, help="seed of pair sampling and bootstrap")
-    add("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
 
 
 def probe_command(args) -> int:

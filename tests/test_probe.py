@@ -232,7 +232,8 @@ def write_tagged_rows(path, count: int = 24) -> None:
 
 
 def test_probe_command_writes_plot_table_and_sentence(tmp_path, tokenizer):
-    from hialign.probe_report import add_probe_arguments, probe_command
+    from hialign.cli import add_probe_arguments
+    from hialign.probe_report import probe_command
 
     model_dir = tmp_path / "tiny"
     make_tiny_llama(num_layers=6).save_pretrained(model_dir)
@@ -289,7 +290,8 @@ def test_objective_groups_split_pairs_by_tag_column_and_prompt_regex():
 
 @pytest.mark.slow
 def test_probe_on_smollm2_with_hh_rlhf_rows_writes_the_report(tmp_path, hh_path):
-    from hialign.probe_report import add_probe_arguments, probe_command
+    from hialign.cli import add_probe_arguments
+    from hialign.probe_report import probe_command
 
     parser = argparse.ArgumentParser()
     add_probe_arguments(parser)
