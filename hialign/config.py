@@ -66,6 +66,9 @@ class RunConfig:
     judge_concurrency: int = _opt(4, "judge requests in flight")
     judge_max_retries: int = _opt(5, "HTTP retries per judge call")
     judge_parse_retries: int = _opt(2, "re-asks when the judge's answer cannot be parsed")
+    judge_timeout: float = _opt(120.0, "seconds per judge HTTP request")
+    judge_max_tokens: int = _opt(4096, "completion cap per judge request (room to think)")
+    judge_prices: str | None = _opt(None, "PROMPT,COMPLETION cost per million judge tokens")
 
     save_merged: bool = _opt(True, "save each merged model (safetensors) next to its adapter")
 

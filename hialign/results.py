@@ -30,6 +30,7 @@ def judge_groups(
     """Judge every comparison on every eval prompt; save every raw verdict; count W/L/T."""
     from hialign.data import render_prompt
     from hialign.judge import DIMENSIONS, JudgeItem, build_judge
+    from hialign.judge.command import parse_prices
 
     clock = time.perf_counter()
     local_model = None
@@ -43,6 +44,9 @@ def judge_groups(
         cache_path=out / "judge_cache.sqlite",
         max_retries=config.judge_max_retries,
         parse_retries=config.judge_parse_retries,
+        timeout=config.judge_timeout,
+        max_tokens=config.judge_max_tokens,
+        prices=parse_prices(config.judge_prices),
         local_model=local_model,
     )
     items, meta = [], []
