@@ -108,7 +108,11 @@ def _judge_section(judge: dict) -> list[str]:
     lines += [f"- Model: {judge.get('model', 'n/a')}"]
     if judge.get("warning"):
         lines = lines[:2] + [f"> **Warning:** {judge['warning']}", ""] + lines[2:]
-    lines += [f"- Judgements: {judge.get('judgements', 'n/a')}; invalid: {judge.get('invalid', 0)}"]
+    invalid = judge.get("invalid", 0)
+    if isinstance(invalid, dict):  # per dimension
+        detail = ", ".join(f"{DIMENSION_LABELS.get(k, k)} {v}" for k, v in invalid.items())
+        invalid = f"{sum(invalid.values())} ({detail})"
+    lines += [f"- Judgements: {judge.get('judgements', 'n/a')}; invalid verdicts: {invalid}"]
     lines += [
         f"- Position disagreement (verdict changed when the order was swapped, counted as a tie): "
         f"{_percent(judge.get('position_disagreement_rate'))}",
@@ -116,8 +120,24 @@ def _judge_section(judge: dict) -> list[str]:
         f"{_percent(judge.get('first_shown_win_rate'))}",
     ]
     if judge.get("prompt_tokens") or judge.get("completion_tokens"):
-        tokens = f"{judge.get('prompt_tokens', 0)} prompt, {judge.get('completion_tokens', 0)}"
+        tokens = f"{judge.get('prompt_tokens', 0):,} prompt, {judge.get('completion_tokens', 0):,}"
         lines.append(f"- Tokens: {tokens} completion")
+    calls = [
+        f"{judge[key]:,} {label}"
+        for key, label in (
+            ("judge_calls", "judge calls"),
+            ("http_requests", "HTTP requests"),
+            ("cache_hits", "cache hits"),
+            ("retries", "retries"),
+            ("parse_reasks", "re-asks"),
+            ("invalid_orders", "invalid single-order answers"),
+        )
+        if isinstance(judge.get(key), int)
+    ]
+    if calls:
+        lines.append("- Calls: " + ", ".join(calls))
+    if judge.get("cost") is not None:
+        lines.append(f"- Cost: {judge['cost']:.4f} (at the prices given)")
     return lines + [""]
 
 
@@ -156,8 +176,11 @@ def _significance_section(rows: list[dict]) -> list[str]:
     body = []
     for s in stats:
         p = s["win_rate_excl_ties"]
-        win = "n/a (all ties)" if p is None else f"{p:.3f} " + format_interval(
-            s["win_rate_ci_low"], s["win_rate_ci_high"], signed=False
+        win = (
+            "n/a (all ties)"
+            if p is None
+            else f"{p:.3f} "
+            + format_interval(s["win_rate_ci_low"], s["win_rate_ci_high"], signed=False)
         )
         nwr = f"{s['net_win_rate']:+.3f}"
         if s["nwr_ci_low"] is not None:
