@@ -35,7 +35,7 @@ class AdapterSummary:
             span = f"layers {self.layers}"
         return (
             f"strategy {self.strategy} = {span}, {len(self.modules)} LoRA modules, "
-            f"{self.trainable_params / 1e6:.2f} M trainable params"
+            f"{self.trainable_params:,} trainable params"
         )
 
 

@@ -64,9 +64,18 @@ def _add_judge(sub) -> None:
     p.add_argument("--out", required=True, help="output JSONL of verdicts")
     p.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL (e.g. .../v1)")
     p.add_argument("--judge-model", default=None, help="model name at the endpoint, or local HF")
-    p.add_argument("--api-key-env", default="HIALIGN_JUDGE_API_KEY", help="env var with the key")
-    p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
-    p.add_argument("--cache", default=None, help="SQLite cache of judge calls")
+    p.add_argument(
+        "--api-key-env",
+        "--judge-api-key-env",
+        default="HIALIGN_JUDGE_API_KEY",
+        help="env var with the key",
+    )
+    p.add_argument(
+        "--concurrency", "--judge-concurrency", type=int, default=4, help="requests in flight"
+    )
+    p.add_argument(
+        "--cache", default=None, help="SQLite cache of judge calls (default: OUT + .cache.sqlite)"
+    )
     p.add_argument("--max-retries", type=int, default=5, help="HTTP retries per call")
     p.add_argument("--parse-retries", type=int, default=2, help="re-asks on unparseable output")
     p.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per HTTP request")
@@ -163,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for noisy in ("httpx", "httpx2", "httpcore", "openai"):  # one line per HTTP request otherwise
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         return args.func(args)
     except (ValueError, RuntimeError, OSError) as err:

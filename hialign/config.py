@@ -73,6 +73,9 @@ class RunConfig:
     save_merged: bool = _opt(True, "save each merged model (safetensors) next to its adapter")
 
     def validate(self) -> None:
+        """Check every value before anything is loaded; errors name the flag at fault."""
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
         if not self.data:
             raise ValueError("--data is required")
         if not self.out:
@@ -80,15 +83,73 @@ class RunConfig:
         positive = ("train_pairs", "eval_prompts", "max_length", "batch_size", "grad_accum")
         for name in positive + ("epochs", "lora_rank", "max_new_tokens", "gen_batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.beta <= 0:
-            raise ValueError("--beta must be > 0")
+                raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "warmup_steps", "weight_decay", "min_response_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ("beta", "learning_rate", "temperature", "judge_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.num_blocks < 1:
+            raise ValueError(f"--num-blocks must be >= 1, got {self.num_blocks}")
+        self.check_strategies()
+
+    def block_names(self) -> list[str]:
+        """Names the blocks will have: local/mid/global for 3 blocks, block0.. otherwise."""
+        if self.blocks and self.blocks != "auto":
+            count = len(self.blocks.split(","))
+        else:
+            count = self.num_blocks
+        return ["local", "mid", "global"] if count == 3 else [f"block{i}" for i in range(count)]
+
+    def check_strategies(self) -> None:
+        """Strategies must name ``full`` or known blocks (``a+b`` unions of blocks)."""
+        names = self.block_names()
+        strategies = self.strategy_list()
+        if not strategies:
+            raise ValueError("--strategies is empty; e.g. full,local,mid,global")
+        for strategy in strategies:
+            parts = strategy.split("+")
+            if strategy == "full":
+                continue
+            if "full" in parts:
+                raise ValueError(f"strategy {strategy!r}: 'full' cannot be part of a union")
+            unknown = [p for p in parts if p not in names]
+            if unknown:
+                raise ValueError(
+                    f"strategy {strategy!r}: unknown block {unknown[0]!r}; with these blocks the "
+                    f"choices are full, {', '.join(names)} or '+'-unions of blocks"
+                )
+        if len(set(strategies)) != len(strategies):
+            raise ValueError(f"--strategies lists a strategy twice: {self.strategies}")
 
     def strategy_list(self) -> list[str]:
         return [s.strip() for s in self.strategies.split(",") if s.strip()]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_type(name: str, value, annotation: str) -> None:
+    """Reject YAML values of the wrong type (e.g. ``train_pairs: eight``) with a clear message."""
+    optional = "None" in str(annotation)
+    if value is None:
+        if optional or name in ("data", "out"):
+            return
+        raise ValueError(f"{_flag(name)} must not be empty")
+    kind = str(annotation).split("|")[0].strip()
+    expected = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}[kind]
+    wrong_bool = isinstance(value, bool) and kind in ("int", "float")
+    if not isinstance(value, expected) or wrong_bool:
+        raise ValueError(f"{_flag(name)} must be {kind}, got {value!r} ({type(value).__name__})")
 
 
 SMOKE = dict(
@@ -124,6 +185,10 @@ def load_yaml_config(path: str | Path) -> dict:
     data = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of RunConfig keys")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    smoke = data.pop("smoke", False)
+    if smoke is True:  # the --smoke preset, overridden by the file's other keys
+        data = {**SMOKE, **data}
     known = {f.name for f in fields(RunConfig)}
     unknown = sorted(set(data) - known)
     if unknown:

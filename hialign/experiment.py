@@ -10,8 +10,10 @@ merging, generation, judging and the report run on the main process only.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -31,9 +33,10 @@ from hialign.partition import (
     blocks_from_spans,
     find_decoder_layers,
     format_block_map,
+    parse_strategy,
     partition_layers,
 )
-from hialign.reference import cached_reference_logps, reference_key
+from hialign.reference import cached_reference_logps, model_fingerprint, reference_key
 from hialign.results import BASE_GROUP, assemble_results, group_name, judge_groups
 
 logger = logging.getLogger(__name__)
@@ -110,7 +113,7 @@ class Experiment:
             do_sample=config.do_sample, temperature=config.temperature, top_p=config.top_p,
             seed=config.seed,
         )  # fmt: skip
-        self.generate(BASE_GROUP, self.base)
+        self.generate(BASE_GROUP, self.base, model_fingerprint(self.resolved.path))
         for strategy in self.strategies:
             self.train_strategy(strategy)
             self.accelerator.free_memory()  # drop the finished strategy's model and optimiser
@@ -160,6 +163,12 @@ class Experiment:
         )
         if not self.tokenized:
             raise ValueError(f"no training pair fits --max-length {config.max_length}")
+        if self.too_long:
+            logger.warning(
+                "%d of %d training pairs do not fit --max-length %d and were dropped; training on "
+                "%d (raise --max-length, or --train-pairs to compensate)",
+                len(self.too_long), len(self.train_pairs), config.max_length, len(self.tokenized),
+            )  # fmt: skip
         self.strategies = config.strategy_list()
         self.comparisons = plan_comparisons(self.strategies)
         self.settings = TrainSettings(
@@ -197,7 +206,9 @@ class Experiment:
             self.resolved.path,
             [[t.prompt_ids, t.chosen_ids, t.rejected_ids] for t in self.tokenized],
             self.config.precision,
+            self.config.max_length,
         )
+        self.reference_id = key
         device = self.accelerator.device
 
         def compute() -> torch.Tensor:
@@ -214,8 +225,21 @@ class Experiment:
         self._timed("reference", start)
         return reference
 
-    def generate(self, group: str, model) -> None:
-        """Answers of one group, read back from its JSONL when a previous run finished them."""
+    def strategy_fingerprint(self, strategy: str) -> str:
+        """Hash of everything a strategy's adapter depends on: reusing a trained adapter is only
+        safe when model, data, tokenisation, blocks, LoRA and training settings are unchanged."""
+        config = self.config
+        spec = dict(
+            reference=self.reference_id, strategy=strategy,
+            layers=parse_strategy(strategy, self.blocks),
+            lora=[config.lora_rank, config.lora_alpha, config.lora_dropout],
+            train=asdict(self.settings), precision=config.precision,
+        )  # fmt: skip
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+    def generate(self, group: str, model, model_key: str) -> None:
+        """Answers of one group, read back from its JSONL when a previous run produced them with
+        the same model (``model_key``), prompts and decoding settings."""
         if not self.main:
             return
         path = self.out / "generations" / f"{group.replace(' ', '_')}.jsonl"
@@ -223,7 +247,7 @@ class Experiment:
         if path.is_file():
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             if len(rows) == len(self.eval_prompts) and all(
-                r["prompt"] == p and r["decoding"] == settings
+                r["prompt"] == p and r["decoding"] == settings and r.get("model_key") == model_key
                 for r, p in zip(rows, self.eval_prompts)
             ):
                 logger.info("%s: reusing %d answers from %s", group, len(rows), path)
@@ -237,7 +261,10 @@ class Experiment:
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w") as f:
             for i, (prompt, answer) in enumerate(zip(self.eval_prompts, answers)):
-                row = dict(index=i, group=group, prompt=prompt, answer=answer, decoding=settings)
+                row = dict(
+                    index=i, group=group, prompt=prompt, answer=answer, decoding=settings,
+                    model_key=model_key,
+                )  # fmt: skip
                 f.write(json.dumps(row) + "\n")
         tmp.rename(path)
         self.answers[group] = answers
@@ -252,9 +279,18 @@ class Experiment:
         model, _, _ = load_model(self.resolved.path)  # fresh base: merging changes weights
         model.to(self.accelerator.device)
         start = time.perf_counter()
-        if log_path.is_file() and (folder / "adapter" / "adapter_config.json").is_file():
+        fingerprint = self.strategy_fingerprint(strategy)
+        previous = json.loads(log_path.read_text()) if log_path.is_file() else None
+        if previous is not None and previous.get("fingerprint") != fingerprint and self.main:
+            logger.warning(
+                "%s: settings, blocks, model or data changed since the adapter in %s was trained; "
+                "retraining", strategy, folder,
+            )  # fmt: skip
+            shutil.rmtree(folder)
+            previous = None
+        if previous is not None and (folder / "adapter" / "adapter_config.json").is_file():
             logger.info("%s: reusing the trained adapter in %s", strategy, folder / "adapter")
-            result = json.loads(log_path.read_text())
+            result = previous
             peft_model = PeftModel.from_pretrained(model, folder / "adapter")
         else:
             peft_model, summary = add_block_lora(
@@ -268,6 +304,7 @@ class Experiment:
             )  # fmt: skip
             peft_model = self.accelerator.unwrap_model(peft_model)
             result = training_summary(summary, history, time.perf_counter() - start)
+            result["fingerprint"] = fingerprint
             if self.main:
                 save_adapter(peft_model, folder / "adapter")
                 write_json(log_path, result)
@@ -281,10 +318,10 @@ class Experiment:
         if not self.main:
             return
         merged_dir = folder / "merged" if config.save_merged else None
-        if merged_dir is not None and (merged_dir / "config.json").is_file():
-            merged_dir = None  # saved by an earlier run
+        if merged_dir is not None and merged_dir.is_dir():
+            merged_dir = None  # saved by an earlier run (the folder appears only when complete)
         merged = merge_and_save(peft_model, self.tokenizer, merged_dir)
-        self.generate(group_name(strategy), merged)
+        self.generate(group_name(strategy), merged, fingerprint)
 
     def evaluate(self) -> dict:
         """Judge, count, compute statistics, and write results.json and the report."""

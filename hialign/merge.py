@@ -7,6 +7,8 @@ The merged folder is plain safetensors + config + tokenizer, so
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 
 from peft import PeftModel
@@ -26,13 +28,23 @@ def merge_and_save(
 ) -> PreTrainedModel:
     """Fold the LoRA weights into the base weights; save the result when ``out_dir`` is given.
 
-    The base model inside ``peft_model`` is modified in place and returned.
+    The base model inside ``peft_model`` is modified in place and returned. The folder is
+    written under a temporary name and renamed when complete, so a crash mid-save never leaves
+    an ``out_dir`` that looks finished but lacks its weights.
     """
     merged = peft_model.merge_and_unload()
     merged.eval()
     if out_dir is not None:
-        merged.save_pretrained(out_dir, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
-        size = sum(f.stat().st_size for f in Path(out_dir).glob("*.safetensors")) / 2**20
+        out_dir = Path(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.parent.glob(f"{out_dir.name}.partial-*"):
+            shutil.rmtree(stale)  # left by a crashed save
+        tmp = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.partial-", dir=out_dir.parent))
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+        size = sum(f.stat().st_size for f in out_dir.glob("*.safetensors")) / 2**20
         logger.info("merged model saved to %s (%.0f MiB safetensors)", out_dir, size)
     return merged

@@ -158,4 +158,7 @@ def parse_strategy(strategy: str, blocks: list[Block]) -> list[int]:
 
 def format_block_map(blocks: list[Block]) -> str:
     """One line per block: name, layer span and count."""
-    return "\n".join(f"{b.name:>8}: layers {b.span:>7} ({len(b.layers)} layers)" for b in blocks)
+    def count(block: Block) -> str:
+        return f"{len(block.layers)} layer" + ("s" if len(block.layers) != 1 else "")
+
+    return "\n".join(f"{b.name:>8}: layers {b.span:>7} ({count(b)})" for b in blocks)

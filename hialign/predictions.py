@@ -76,7 +76,10 @@ def _prediction_global(cells: dict) -> dict:
         rivals = {group: cells.get((_versus_full(group), dim)) for group in (LOCAL, MID)}
         highest = None
         if mine is not None and None not in rivals.values():
-            highest = mine["net_win_rate"] > max(r["net_win_rate"] for r in rivals.values())
+            best_rival = max(r["net_win_rate"] for r in rivals.values())
+            # A tie for the top (e.g. every row all ties) cannot decide "best": undecided.
+            if mine["net_win_rate"] != best_rival:
+                highest = mine["net_win_rate"] > best_rival
         above = _ci_above_zero(mine)
         parts += [highest, above]
         rival_nwr = ", ".join(

@@ -33,3 +33,24 @@ def test_merged_model_reloads_with_identical_logits(tmp_path, tokenizer):
     assert torch.equal(reloaded_logits, merged_logits)
     torch.testing.assert_close(merged_logits, unmerged, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(unmerged, make_tiny_llama(num_layers=3)(input_ids=ids).logits)
+
+
+def test_a_crash_while_saving_leaves_no_folder_that_looks_finished(
+    tmp_path, tokenizer, monkeypatch
+):
+    peft_model, _ = add_block_lora(make_tiny_llama(num_layers=3), "global", partition_layers(3))
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(tokenizer, "save_pretrained", crash)
+    try:
+        merge_and_save(peft_model, tokenizer, tmp_path / "merged")
+    except KeyboardInterrupt:
+        pass
+    assert not (tmp_path / "merged").exists()
+    monkeypatch.undo()
+    peft_model, _ = add_block_lora(make_tiny_llama(num_layers=3), "global", partition_layers(3))
+    merge_and_save(peft_model, tokenizer, tmp_path / "merged")  # cleans the partial folder
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]

@@ -1,6 +1,7 @@
 """Integration: `hialign run --smoke` on the real SmolLM2 and real hh-rlhf rows, end to end."""
 
 import json
+import shutil
 import time
 
 import pytest
@@ -32,8 +33,15 @@ def smoke_run(tmp_path_factory, hh_path):
 
 def test_smoke_run_writes_every_artifact(smoke_run):
     out, _ = smoke_run
-    for name in ("report.md", "results.json", "judgements.jsonl", "config.yaml", "run.log",
-                 "figures/nwr_heatmap.png", "figures/win_tie_loss.png"):
+    for name in (
+        "report.md",
+        "results.json",
+        "judgements.jsonl",
+        "config.yaml",
+        "run.log",
+        "figures/nwr_heatmap.png",
+        "figures/win_tie_loss.png",
+    ):
         assert (out / name).is_file(), name
     for strategy in STRATEGIES:
         assert (out / "strategies" / strategy / "adapter" / "adapter_model.safetensors").is_file()
@@ -90,7 +98,9 @@ def test_generations_and_verdicts_are_recorded(smoke_run):
     assert all(len(v["orders"]) == 2 for v in verdicts)
 
 
-def test_merged_global_model_reloads_and_differs_from_base_only_in_its_block(smoke_run, smollm2_path):
+def test_merged_global_model_reloads_and_differs_from_base_only_in_its_block(
+    smoke_run, smollm2_path
+):
     out, _ = smoke_run
     merged = AutoModelForCausalLM.from_pretrained(out / "strategies" / "global" / "merged")
     base = AutoModelForCausalLM.from_pretrained(smollm2_path)
@@ -123,3 +133,20 @@ def test_strict_stops_at_the_first_malformed_row_before_loading_a_model(hh_path,
     assert "human turn inside reply" in caplog.text
     assert "loaded SmolLM2" not in caplog.text
     assert time.perf_counter() - start < 30
+
+
+def test_changed_settings_retrain_instead_of_reusing_stale_adapters(smoke_run, hh_path, tmp_path):
+    out, _ = smoke_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    old = json.loads((copy / "strategies" / "global" / "training.json").read_text())
+    args = ["run", "--smoke", "--data", str(hh_path), "--out", str(copy)]
+    assert main([*args, "--strategies", "full,global", "--beta", "0.2", "--max-steps", "1"]) == 0
+    new = json.loads((copy / "strategies" / "global" / "training.json").read_text())
+    assert new["fingerprint"] != old["fingerprint"]
+    assert new["steps"] == 1
+    results = json.loads((copy / "results.json").read_text())
+    assert results["settings"]["beta"] == 0.2
+    assert results["training"]["global"]["steps"] == 1
+    rows = (copy / "generations" / "Global-Align.jsonl").read_text().splitlines()
+    assert json.loads(rows[0])["model_key"] == new["fingerprint"]

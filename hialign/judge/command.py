@@ -74,7 +74,7 @@ def judge_command(args) -> int:
         model=args.judge_model,
         api_key_env=args.api_key_env,
         concurrency=args.concurrency,
-        cache_path=args.cache,
+        cache_path=args.cache or f"{args.out}.cache.sqlite",
         max_retries=args.max_retries,
         parse_retries=args.parse_retries,
         # Flags the ``judge`` sub-command may not define yet are read with their defaults.
