@@ -40,5 +40,9 @@ def test_verification_rejects_a_wrong_plan():
     model = make_tiny_llama(num_layers=6, vocab_size=64)
     peft_model, summary = add_block_lora(model, "local", partition_layers(6))
     with pytest.raises(AdapterError, match="missing"):
-        verify_adapters(peft_model, [*summary.modules, "model.layers.5.self_attn.q_proj"],
-                        "local", summary.layers)
+        verify_adapters(
+            peft_model,
+            [*summary.modules, "model.layers.5.self_attn.q_proj"],
+            "local",
+            summary.layers,
+        )
