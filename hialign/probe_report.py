@@ -48,7 +48,8 @@ logger = logging.getLogger(__name__)
 VERDICT_RULE = (
     "Rule: Hypothesis 2 holds for a group when the 95% percentile-bootstrap interval (pairs "
     "resampled with replacement, all blocks from the same resample) of the top block's mean "
-    "gradient norm per parameter divided by the largest other block's lies entirely above 1."
+    "gradient norm per parameter (‖g‖/√params, the root-mean-square per-parameter gradient) "
+    "divided by the largest other block's lies entirely above 1."
 )
 BLOCK_COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860")
 
@@ -166,7 +167,7 @@ def markdown_report(result: dict) -> str:
     for group, summary in result["groups"].items():
         lines += [f"## {group} ({summary['n_pairs']} pairs)", "", summary["sentence"], ""]
         lines += [
-            "| block | layers | params | E‖g‖ raw [95% CI] | per parameter [95% CI] | share |",
+            "| block | layers | params | E‖g‖ raw [95% CI] | E‖g‖/√params [95% CI] | share |",
             "|---|---|---:|---|---|---:|",
         ]
         for b in summary["blocks"]:
@@ -203,7 +204,7 @@ def markdown_report(result: dict) -> str:
         "",
         "## Per layer (all pairs)",
         "",
-        "| layer | E‖g‖ raw [95% CI] | per parameter [95% CI] |",
+        "| layer | E‖g‖ raw [95% CI] | E‖g‖/√params [95% CI] |",
         "|---:|---|---|",
     ]
     for r in result["groups"]["all"]["layers"]:
