@@ -107,6 +107,7 @@ def summarise(rows: list[dict]) -> dict:
             peak_rss_mb=median(runs, "peak_rss_mb"),
             epoch_loss=[median(runs, "epoch_loss", i) for i in range(len(runs[0]["epoch_loss"]))],
             load_avg=statistics.mean(x for r in runs for x in r["load_avg"]),
+            threads=runs[0]["workload"]["threads"],
         )
     for row in table.values():
         ours = table.get(f"{row['precision']}/{row['strategy']}/hialign")
@@ -149,7 +150,15 @@ def markdown(table: dict, gflops: dict) -> str:
             f"{r['peak_rss_mb']:.0f} | {losses} | " + " | ".join(extra) + " |"
         )
     peaks = ", ".join(f"{k}: {v:.0f}" for k, v in gflops.items())
-    return head + "\n".join(lines) + f"\n\nMatmul GFLOP/s here (best of 1 s): {peaks}.\n"
+    loads = [r["load_avg"] for r in table.values()]
+    threads = sorted({r["threads"] for r in table.values()})
+    return (
+        head
+        + "\n".join(lines)
+        + f"\n\nTorch threads: {threads} (0 = default). Mean 1-minute load average over a "
+        f"configuration's runs: {min(loads):.1f} to {max(loads):.1f}.\n"
+        f"Matmul GFLOP/s here (best of 1 s): {peaks}.\n"
+    )
 
 
 def report() -> str:

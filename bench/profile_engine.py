@@ -37,7 +37,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from hialign.dpo import _policy_scorer, dpo_loss
+    from hialign.dpo import _frozen_weights_in_autocast_dtype, _policy_scorer, dpo_loss
     from hialign.modeling import load_model
     from hialign.tokenization import collate_pairs
 
@@ -61,14 +61,16 @@ def main(argv=None) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for indices in batches:  # epoch 1: fills the frozen-prefix cache
-        step(indices)
-    timed = batches[: args.steps]
-    start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
-        for indices in timed:
+    first_layer = scorer.prefix.start if scorer.prefix is not None else 0
+    with _frozen_weights_in_autocast_dtype(peft_model, autocast, first_layer):  # as train_dpo
+        for indices in batches:  # epoch 1: fills the frozen-prefix cache
             step(indices)
-    seconds = time.perf_counter() - start
+        timed = batches[: args.steps]
+        start = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+            for indices in timed:
+                step(indices)
+        seconds = time.perf_counter() - start
     averages = prof.key_averages()
     flops = sum(e.flops for e in averages if e.flops)
     table = averages.table(sort_by="self_cpu_time_total", row_limit=args.rows)

@@ -161,20 +161,13 @@ def _fill_epochs(result: Result, marks, step_losses, steps_per_epoch) -> None:
     ]
 
 
-def run_trl(work: Workload, result: Result) -> None:
+def trl_trainer(work: Workload, model, tokenizer, pairs, order=None, callbacks=()):
+    """TRL's DPOTrainer on hialign's token ids, with hialign's initial LoRA weights and, when
+    ``order`` is given, hialign's data order (epoch e visits ``order[e * N:(e + 1) * N]``)."""
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     from hialign.adapters import lora_config
-    from hialign.dpo import micro_batches
-    from hialign.modeling import load_model
-
-    model, tokenizer, _ = load_model(None)
-    pairs = _load_pairs(work, tokenizer)
-    settings = _settings(work)
-    order = [i for _, batch in micro_batches(len(pairs), settings) for i in batch]
-    steps_per_epoch = len(order) // work.epochs // work.batch_size
 
     # The LoRA initial weights hialign uses, then the bare base model back for TRL to wrap.
     peft_model, summary = _seeded_lora(model, work)
@@ -182,8 +175,6 @@ def run_trl(work: Workload, result: Result) -> None:
     model = peft_model.unload()
 
     class HialignOrder(torch.utils.data.Sampler):
-        """Epoch e visits the pairs in hialign's order for epoch e."""
-
         epoch = 0
 
         def set_epoch(self, epoch):
@@ -200,17 +191,7 @@ def run_trl(work: Workload, result: Result) -> None:
             return dataset  # already hialign's token ids, already within max_length
 
         def _get_train_sampler(self, train_dataset=None):
-            return HialignOrder()
-
-    marks, losses = [], []
-
-    class Timer(TrainerCallback):
-        def on_epoch_begin(self, args, state, control, **kwargs):
-            marks.append(_clock())
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
+            return HialignOrder() if order is not None else super()._get_train_sampler()
 
     rows = [
         {"prompt_ids": list(p.prompt_ids), "chosen_ids": list(p.chosen_ids),
@@ -241,20 +222,44 @@ def run_trl(work: Workload, result: Result) -> None:
         dataloader_num_workers=0,
         seed=work.seed,
     )
-    start = _clock()
     trainer = PreTokenizedDPOTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
         peft_config=lora_config(summary.modules, work.lora_rank, work.lora_alpha, 0.0),
-        callbacks=[Timer()],
+        callbacks=list(callbacks),
     )
-    result.reference_s = time.perf_counter() - start[0] if work.engine == "trl-precompute" else 0
     with torch.no_grad():
         for name, param in trainer.model.named_parameters():
             if "lora_" in name:
                 param.copy_(initial[name])
+    return trainer
+
+
+def run_trl(work: Workload, result: Result) -> None:
+    from transformers import TrainerCallback
+
+    from hialign.dpo import micro_batches
+    from hialign.modeling import load_model
+
+    model, tokenizer, _ = load_model(None)
+    pairs = _load_pairs(work, tokenizer)
+    order = [i for _, batch in micro_batches(len(pairs), _settings(work)) for i in batch]
+    steps_per_epoch = len(order) // work.epochs // work.batch_size
+    marks, losses = [], []
+
+    class Timer(TrainerCallback):
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            marks.append(_clock())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    start = _clock()  # building the trainer includes TRL's reference precompute, if on
+    trainer = trl_trainer(work, model, tokenizer, pairs, order, [Timer()])
+    result.reference_s = time.perf_counter() - start[0] if work.engine == "trl-precompute" else 0
     trainer.train()
     marks.append(_clock())
     _fill_epochs(result, marks, losses, steps_per_epoch)

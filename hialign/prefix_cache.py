@@ -173,12 +173,15 @@ class FrozenPrefixCache:
     def replaying(self, hidden: torch.Tensor):
         """Inside, a forward of the model skips layers 0..start-1 and feeds ``hidden`` (R, L, H)
         to layer ``start``; mask, positions and everything above come from the model itself."""
-        if self._tuple_output is None:
-            raise RuntimeError("replaying before any capture: the layers' output type is unknown")
-        as_tuple = self._tuple_output
 
-        def passthrough(hidden_states, *args, **kwargs):
-            return (hidden_states,) if as_tuple else hidden_states
+        def passthrough_for(layer):
+            def passthrough(hidden_states, *args, **kwargs):
+                if self._tuple_output is None:  # never captured: learn it from one real call
+                    output = type(layer).forward(layer, hidden_states, *args, **kwargs)
+                    self._tuple_output = isinstance(output, tuple)
+                return (hidden_states,) if self._tuple_output else hidden_states
+
+            return passthrough
 
         def inject(module, args, kwargs):
             if args:
@@ -189,7 +192,7 @@ class FrozenPrefixCache:
         # hooks also wrap forward this way) are put back afterwards.
         saved = [layer.__dict__.get("forward") for layer in self.layers[: self.start]]
         for layer in self.layers[: self.start]:
-            layer.forward = passthrough
+            layer.forward = passthrough_for(layer)
         handle = self.layers[self.start].register_forward_pre_hook(inject, with_kwargs=True)
         try:
             yield

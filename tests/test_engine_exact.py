@@ -233,7 +233,7 @@ def test_training_with_the_savings_follows_the_plain_trajectory(hh_pairs):
 
     plain, _ = train(share_prompt=False, frozen_prefix=False)
     fast, _ = train(share_prompt=True, frozen_prefix=True)
-    recorded, states = train(record=True)
+    recorded, states = train(record=True, verify_engine=False)  # no capture before replay
     assert len(plain) == 4 and len(set(plain.tolist())) == 4
     torch.testing.assert_close(fast, plain, rtol=RTOL, atol=1e-6)
     torch.testing.assert_close(recorded, plain, rtol=RTOL, atol=1e-6)

@@ -173,8 +173,12 @@ def test_identical_pairs_are_asked_once(server):
 
 @pytest.mark.parametrize(("concurrency", "n"), [(1, 3), (2, 4), (8, 12)])
 def test_concurrency_keeps_that_many_requests_in_flight(concurrency, n):
-    with ScriptedJudgeServer(delay=0.3) as slow:
-        judge_for(slow, concurrency=concurrency).judge(pairs("plain", n=n), progress=False)
+    # Requests are held until `concurrency` are in flight together (10 s at most), then answered
+    # after 0.3 s: a client that opens fewer connections times out the hold and fails the count.
+    with ScriptedJudgeServer(delay=0.3, gather=concurrency, gather_timeout=10.0) as slow:
+        judge_for(slow, concurrency=concurrency, timeout=60.0).judge(
+            pairs("plain", n=n), progress=False
+        )
         assert slow.max_in_flight == concurrency
         assert slow.request_count == 2 * n
 

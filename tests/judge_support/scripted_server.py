@@ -56,8 +56,16 @@ class ScriptedJudgeServer:
         slow_seconds: float = 1.0,
         json_schema: bool = True,
         port: int = 0,
+        gather: int = 0,
+        gather_timeout: float = 20.0,
     ):
         self.delay = delay
+        # With ``gather`` > 0 every request after the first (which a client sends alone to learn
+        # whether structured output works) waits until that many have been in flight at once, or
+        # ``gather_timeout`` passes, so a concurrency test does not hang on thread start-up timing
+        # on a loaded machine.
+        self.gather = gather
+        self.gather_timeout = gather_timeout
         self.slow_seconds = slow_seconds
         self.json_schema = json_schema
         self.log: list[dict] = []
@@ -65,6 +73,9 @@ class ScriptedJudgeServer:
         self.max_in_flight = 0
         self._attempts: dict[tuple, int] = {}
         self._lock = threading.Lock()
+        self._gathered = threading.Condition(self._lock)
+        self._served_first = False
+        self._gathered_max = 0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -78,6 +89,7 @@ class ScriptedJudgeServer:
                 body = json.loads(self.rfile.read(length) or b"{}")
                 server.enter()
                 try:
+                    server.wait_for_gather()
                     status, headers, payload, sleep = server.plan(self.path, body, self.headers)
                     time.sleep(sleep)
                 finally:
@@ -122,6 +134,19 @@ class ScriptedJudgeServer:
         with self._lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            if self._served_first:
+                self._gathered_max = max(self._gathered_max, self.in_flight)
+            self._gathered.notify_all()
+
+    def wait_for_gather(self) -> None:
+        if self.gather:
+            with self._lock:
+                if not self._served_first:
+                    self._served_first = True
+                    return
+                self._gathered.wait_for(
+                    lambda: self._gathered_max >= self.gather, timeout=self.gather_timeout
+                )
 
     def leave(self) -> None:
         with self._lock:
