@@ -158,6 +158,7 @@ def parse_strategy(strategy: str, blocks: list[Block]) -> list[int]:
 
 def format_block_map(blocks: list[Block]) -> str:
     """One line per block: name, layer span and count."""
+
     def count(block: Block) -> str:
         return f"{len(block.layers)} layer" + ("s" if len(block.layers) != 1 else "")
 
