@@ -106,6 +106,11 @@ def summarise(rows: list[dict]) -> dict:
             ),
             peak_rss_mb=median(runs, "peak_rss_mb"),
             epoch_loss=[median(runs, "epoch_loss", i) for i in range(len(runs[0]["epoch_loss"]))],
+            # Runs from before the fp32 evaluation existed have none.
+            eval_loss=[
+                statistics.median(r["eval_loss"][i] for r in runs if r.get("eval_loss"))
+                for i in range(max(len(r.get("eval_loss", [])) for r in runs))
+            ],
             load_avg=statistics.mean(x for r in runs for x in r["load_avg"]),
             threads=runs[0]["workload"]["threads"],
         )
@@ -122,6 +127,10 @@ def summarise(rows: list[dict]) -> dict:
         row["max_epoch_loss_gap"] = max(
             abs(a - b) for a, b in zip(row["epoch_loss"], ours["epoch_loss"])
         )
+        if row["eval_loss"] and ours["eval_loss"]:
+            row["max_eval_loss_gap"] = max(
+                abs(a - b) for a, b in zip(row["eval_loss"], ours["eval_loss"])
+            )
     return table
 
 
@@ -129,12 +138,14 @@ def markdown(table: dict, gflops: dict) -> str:
     head = (
         "| precision | strategy | engine | runs | ref. s | epoch 1 s/pair | epoch 2 s/pair | "
         "epoch 2 CPU s/pair | peak RSS MB | loss epoch 1 / 2 | hialign speed-up epoch 2 "
-        "(wall / CPU) | hialign speed-up incl. ref. | hialign RSS share | loss gap |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "(wall / CPU) | hialign speed-up incl. ref. | hialign RSS share | loss gap | "
+        "fp32 loss after epoch 1 / 2 | its gap |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in table.values():
         losses = " / ".join(f"{x:.4f}" for x in r["epoch_loss"])
+        evals = " / ".join(f"{x:.5f}" for x in r["eval_loss"]) or "–"
         extra = ["", "", "", ""]
         if "hialign_speedup_epoch2" in r:
             extra = [
@@ -143,11 +154,12 @@ def markdown(table: dict, gflops: dict) -> str:
                 f"{100 * r['hialign_rss_fraction']:.0f}%",
                 f"{r['max_epoch_loss_gap']:.1e}",
             ]
+        gap = f"{r['max_eval_loss_gap']:.1e}" if "max_eval_loss_gap" in r else ""
         lines.append(
             f"| {r['precision']} | {r['strategy']} | {r['engine']} | {r['runs']} | "
             f"{r['reference_s']:.1f} | {r['epoch1_s_per_pair']:.3f} | "
             f"{r['epoch2_s_per_pair']:.3f} | {r['epoch2_cpu_s_per_pair']:.3f} | "
-            f"{r['peak_rss_mb']:.0f} | {losses} | " + " | ".join(extra) + " |"
+            f"{r['peak_rss_mb']:.0f} | {losses} | " + " | ".join(extra) + f" | {evals} | {gap} |"
         )
     peaks = ", ".join(f"{k}: {v:.0f}" for k, v in gflops.items())
     loads = [r["load_avg"] for r in table.values()]
@@ -206,7 +218,8 @@ def main(argv=None) -> None:
                 f"{work.precision} {work.strategy:>6} {work.engine:>14}: "
                 f"epochs {[round(s, 1) for s in result['epoch_s']]} s, "
                 f"ref {result['reference_s']:.1f} s, losses "
-                f"{[round(x, 4) for x in result['epoch_loss']]}, "
+                f"{[round(x, 4) for x in result['epoch_loss']]}, fp32 after epochs "
+                f"{[round(x, 5) for x in result['eval_loss']]}, "
                 f"RSS {result['peak_rss_mb']:.0f} MB, load {result['load_avg']}",
                 flush=True,
             )

@@ -46,6 +46,10 @@ class Result:
     epoch_cpu_s: list[float] = field(default_factory=list)  # process CPU seconds of each epoch
     epoch_loss: list[float] = field(default_factory=list)  # mean training loss of each epoch
     step_loss: list[float] = field(default_factory=list)
+    # DPO loss over all pairs of the adapter as it stands after each epoch, computed afterwards
+    # in fp32 by one evaluator for every engine (``_evaluate_snapshots``): the trained result,
+    # free of the training precision's rounding of the loss itself.
+    eval_loss: list[float] = field(default_factory=list)
     peak_rss_mb: float = 0.0
     load_avg: list[float] = field(default_factory=list)  # 1-minute load average, start and end
     notes: list[str] = field(default_factory=list)
@@ -95,6 +99,38 @@ def _seeded_lora(model, work: Workload):
     return add_block_lora(model, work.strategy, blocks, work.lora_rank, work.lora_alpha, 0.0)
 
 
+def _lora_snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().float().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def _evaluate_snapshots(peft_model, tokenizer, pairs, snapshots, work: Workload) -> list[float]:
+    """fp32 DPO loss over ``pairs`` for each LoRA snapshot, against the fp32 reference (the
+    adapter-disabled base). The same code measures every engine; it runs after training, so
+    no timing includes it."""
+    from hialign.dpo import compute_logps, dpo_loss
+    from hialign.tokenization import collate_pairs
+
+    batches = [
+        collate_pairs(pairs[i : i + work.batch_size], tokenizer.pad_token_id)
+        for i in range(0, len(pairs), work.batch_size)
+    ]
+    fp32 = contextlib.nullcontext
+    live = dict(peft_model.named_parameters())
+    with peft_model.disable_adapter():
+        reference = compute_logps(peft_model, batches, fp32, desc="fp32 reference")
+    losses = []
+    with torch.no_grad():
+        for snapshot in snapshots:
+            for name, value in snapshot.items():
+                live[name].copy_(value)
+            policy = compute_logps(peft_model, batches, fp32, desc="fp32 evaluation")
+            loss, _, _ = dpo_loss(
+                policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], work.beta
+            )
+            losses.append(float(loss.double().mean()))
+    return losses
+
+
 def _lowest_layer(model, strategy: str) -> int:
     from hialign.partition import find_decoder_layers, parse_strategy, partition_layers
 
@@ -130,11 +166,14 @@ def run_hialign(work: Workload, result: Result) -> None:
 
     peft_model, _ = _seeded_lora(model, work)
     steps_per_epoch = len(list(micro_batches(len(pairs), settings))) // work.epochs
-    marks = []
+    marks, snapshots = [], []
     calls = iter(range(10**9))
 
     def timed_make_batch(indices):
-        if next(calls) % steps_per_epoch == 0:
+        call = next(calls)
+        if call % steps_per_epoch == 0:
+            if call:  # the previous epoch's last optimizer step is done
+                snapshots.append(_lora_snapshot(peft_model))
             marks.append(_clock())  # the first batch of an epoch
         return make_batch(indices)
 
@@ -148,7 +187,9 @@ def run_hialign(work: Workload, result: Result) -> None:
         prefix_states=states,
     )
     marks.append(_clock())
+    snapshots.append(_lora_snapshot(peft_model))
     _fill_epochs(result, marks, [h["loss"] for h in history], steps_per_epoch)
+    result.eval_loss = _evaluate_snapshots(peft_model, tokenizer, pairs, snapshots, work)
 
 
 def _fill_epochs(result: Result, marks, step_losses, steps_per_epoch) -> None:
@@ -247,11 +288,14 @@ def run_trl(work: Workload, result: Result) -> None:
     pairs = _load_pairs(work, tokenizer)
     order = [i for _, batch in micro_batches(len(pairs), _settings(work)) for i in batch]
     steps_per_epoch = len(order) // work.epochs // work.batch_size
-    marks, losses = [], []
+    marks, losses, snapshots = [], [], []
 
     class Timer(TrainerCallback):
         def on_epoch_begin(self, args, state, control, **kwargs):
             marks.append(_clock())
+
+        def on_epoch_end(self, args, state, control, model=None, **kwargs):
+            snapshots.append(_lora_snapshot(model))
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -263,6 +307,11 @@ def run_trl(work: Workload, result: Result) -> None:
     trainer.train()
     marks.append(_clock())
     _fill_epochs(result, marks, losses, steps_per_epoch)
+    model = trainer.model
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        result.notes.append("TRL left non-fp32 weights; evaluated in fp32 copies")
+        model = model.float()
+    result.eval_loss = _evaluate_snapshots(model, tokenizer, pairs, snapshots, work)
 
 
 def run(work: Workload) -> Result:
