@@ -72,9 +72,16 @@ def run_experiment(config: RunConfig) -> dict:
     handler = logging.FileHandler(out / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
+    # run.log keeps hialign's INFO lines (plan, blocks, losses) even when the caller's logging
+    # is configured for warnings only (a library call, a test runner).
+    ours = logging.getLogger("hialign")
+    level = ours.level
+    if ours.getEffectiveLevel() > logging.INFO:
+        ours.setLevel(logging.INFO)
     try:
         return Experiment(config, out).run()
     finally:
+        ours.setLevel(level)
         logging.getLogger().removeHandler(handler)
         handler.close()
 
@@ -114,8 +121,11 @@ class Experiment:
             seed=config.seed,
         )  # fmt: skip
         self.generate(BASE_GROUP, self.base, model_fingerprint(self.resolved.path))
-        for strategy in self.strategies:
+        for done, strategy in enumerate(self.strategies, 1):
             self.train_strategy(strategy)
+            still = {parse_strategy(s, self.blocks)[0] for s in self.strategies[done:]}
+            for layer in set(self.prefix_states) - still:
+                del self.prefix_states[layer]  # no later strategy starts there: free the memory
             self.accelerator.free_memory()  # drop the finished strategy's model and optimiser
         self.accelerator.wait_for_everyone()
         if not self.main:
@@ -219,9 +229,15 @@ class Experiment:
                 }
                 for i in range(0, n, size)
             ]
-            return compute_logps(self.base, batches, self.autocast)
+            # The same pass keeps the hidden states entering each strategy's lowest trained
+            # layer: the frozen-prefix cache then skips layers below it from the first epoch.
+            return compute_logps(self.base, batches, self.autocast, prefix_states=states)
 
-        reference, _ = cached_reference_logps(key, compute)
+        lowest = {parse_strategy(s, self.blocks)[0] for s in self.strategies}
+        states: dict[int, dict] = {layer: {} for layer in sorted(lowest) if layer > 0}
+        reference, cached = cached_reference_logps(key, compute)
+        # From the cache there was no pass: each strategy's first epoch captures its own.
+        self.prefix_states = {} if cached else states
         self._timed("reference", start)
         return reference
 
@@ -300,7 +316,7 @@ class Experiment:
             torch.manual_seed(config.seed)
             history = train_dpo(
                 peft_model, self.make_batch, self.reference, self.settings, self.accelerator,
-                self.autocast, desc=f"DPO {strategy}",
+                self.autocast, desc=f"DPO {strategy}", prefix_states=self.prefix_states,
             )  # fmt: skip
             peft_model = self.accelerator.unwrap_model(peft_model)
             result = training_summary(summary, history, time.perf_counter() - start)

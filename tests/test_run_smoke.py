@@ -1,6 +1,7 @@
 """Integration: `hialign run --smoke` on the real SmolLM2 and real hh-rlhf rows, end to end."""
 
 import json
+import re
 import shutil
 import time
 
@@ -24,7 +25,19 @@ DIMENSIONS = {"Grammar Fluency", "Coherence", "Factuality", "Relevance"}
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, hh_path):
+def fresh_reference_cache(tmp_path_factory, smollm2_path):
+    """A cache with the converted model but no reference log-probs, for this module's runs."""
+    from hialign.modeling import cache_dir
+
+    root = tmp_path_factory.mktemp("cache")
+    (root / "models").symlink_to(cache_dir() / "models", target_is_directory=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HIALIGN_CACHE", str(root))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, hh_path, fresh_reference_cache):
     out = tmp_path_factory.mktemp("smoke")
     start = time.perf_counter()
     assert main(["run", "--smoke", "--data", str(hh_path), "--out", str(out)]) == 0
@@ -46,6 +59,16 @@ def test_smoke_run_writes_every_artifact(smoke_run):
     for strategy in STRATEGIES:
         assert (out / "strategies" / strategy / "adapter" / "adapter_model.safetensors").is_file()
         assert (out / "strategies" / strategy / "merged" / "model.safetensors").is_file()
+
+
+def test_reference_pass_feeds_the_frozen_prefix_cache_of_upper_blocks(smoke_run):
+    out, _ = smoke_run
+    log = (out / "run.log").read_text()
+    assert "reference log-probs: reusing" not in log  # this run computed them
+    preloaded = re.findall(r"frozen-prefix cache: (\d+) pairs from the reference pass", log)
+    train_pairs = json.loads((out / "results.json").read_text())["data"]["train_pairs"]
+    # mid and global start above layer 0 (local and full do not): both start from that pass
+    assert preloaded == [str(train_pairs)] * 2
 
 
 def test_every_comparison_and_dimension_counts_each_eval_prompt(smoke_run):
