@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from hialign.stats import comparison_order, dimension_order
+from hialign.stats import comparison_order, dimension_order, significance
 
 logger = logging.getLogger(__name__)
 
@@ -30,16 +30,20 @@ def _new_figure(width: float, height: float) -> Figure:
     return figure
 
 
+SIGNIFICANT = "* = significant: NWR 95% CI excludes 0 and p < 0.05"
+
+
 def _excludes_zero(row: dict) -> bool:
-    low, high = row.get("nwr_ci_low"), row.get("nwr_ci_high")
-    return low is not None and high is not None and (low > 0 or high < 0)
+    """Significant: NWR 95% CI excludes 0 and exact binomial p < 0.05 (stats.significance)."""
+    return bool(significance(row))
 
 
 def plot_nwr_heatmap(rows: list[dict], path: Path, title: str) -> Path:
     """Heat-map of NWR: rows = comparisons, columns = dimensions, diverging colours centred at 0.
 
-    ``rows`` are stats rows of one model (or the pooled one). A ``*`` marks cells whose NWR 95%
-    interval excludes 0; missing comparison x dimension cells are grey and say ``n/a``.
+    ``rows`` are stats rows of one model (or the pooled one). A ``*`` marks significant cells
+    (NWR 95% interval excludes 0 and binomial p < 0.05); missing comparison x dimension cells
+    are grey and say ``n/a``.
     """
     comparisons, dimensions = comparison_order(rows), dimension_order(rows)
     cells = {(r["comparison"], r["dimension"]): r for r in rows}
@@ -70,7 +74,7 @@ def plot_nwr_heatmap(rows: list[dict], path: Path, title: str) -> Path:
 
     axes.set_xticks(range(len(dimensions)), dimensions)
     axes.set_yticks(range(len(comparisons)), comparisons)
-    axes.set_title(f"{title}\nnet win rate (* = 95% CI excludes 0)", fontsize=10)
+    axes.set_title(f"{title}\nnet win rate ({SIGNIFICANT})", fontsize=10)
     figure.colorbar(image, ax=axes, label="NWR = (W - L) / N")
     figure.tight_layout()
     figure.savefig(path, dpi=DPI)
@@ -111,7 +115,7 @@ def plot_win_tie_loss(rows: list[dict], path: Path, title: str) -> Path:
     axes.set_xlim(0.0, 1.16)
     axes.set_xticks(np.linspace(0.0, 1.0, 6))
     axes.set_xlabel("share of judgements (first-named group's view)")
-    axes.set_title(f"{title}\nwin / tie / loss (* = NWR 95% CI excludes 0)", fontsize=10)
+    axes.set_title(f"{title}\nwin / tie / loss ({SIGNIFICANT})", fontsize=10)
     axes.legend(loc="lower right", ncols=3, fontsize=8, bbox_to_anchor=(1.0, 1.0), frameon=False)
     figure.tight_layout()
     figure.savefig(path, dpi=DPI)

@@ -8,9 +8,14 @@ alignment tax against the base model that the hierarchical strategies avoid. Eac
 
 from __future__ import annotations
 
-from hialign.stats import dimension_order, format_interval, headline_rows, ordered
+from hialign.stats import (
+    dimension_order,
+    format_interval,
+    headline_rows,
+    ordered,
+    significance,
+)
 
-ALPHA = 0.05
 FULL_DPO = "Full-DPO"
 GRAMMAR, COHERENCE, FACTUALITY = "Grammar Fluency", "Coherence", "Factuality"
 LOCAL, MID, GLOBAL, BASE = "Local-Align", "Mid-Align", "Global-Align", "Base Model"
@@ -31,18 +36,22 @@ def _all(parts) -> bool | None:
     return None if None in parts else True
 
 
+# "Significant" = NWR 95% CI excludes 0 and exact binomial p < 0.05 (see stats.significance).
+
+
 def _ci_above_zero(row):
-    return None if row is None or row["nwr_ci_low"] is None else row["nwr_ci_low"] > 0
+    sign = significance(row)
+    return None if sign is None else sign == 1
 
 
 def _ci_below_zero(row):
-    return None if row is None or row["nwr_ci_high"] is None else row["nwr_ci_high"] < 0
+    sign = significance(row)
+    return None if sign is None else sign == -1
 
 
 def _ci_includes_zero(row):
-    if row is None or row["nwr_ci_low"] is None:
-        return None
-    return row["nwr_ci_low"] <= 0 <= row["nwr_ci_high"]
+    sign = significance(row)
+    return None if sign is None else sign == 0
 
 
 def _quote(cells: dict, comparison: str, dimension: str) -> str:
@@ -53,7 +62,8 @@ def _quote(cells: dict, comparison: str, dimension: str) -> str:
     interval = format_interval(row["nwr_ci_low"], row["nwr_ci_high"])
     if row["nwr_ci_low"] is None:
         interval = f"(all {row['total']} judgements tied, no interval)"
-    return f"{comparison}, {dimension}: NWR {row['net_win_rate']:+.3f} {interval}"
+    nwr = f"NWR {row['net_win_rate']:+.3f} {interval}"
+    return f"{comparison}, {dimension}: {nwr}, p {row['p_value']:.3g}"
 
 
 def _prediction_local(cells: dict) -> dict:
@@ -62,8 +72,9 @@ def _prediction_local(cells: dict) -> dict:
     parts += [_ci_includes_zero(cells.get((local, dim))) for dim in (COHERENCE, FACTUALITY)]
     return {
         "id": "i",
-        "statement": f"{LOCAL} improves {GRAMMAR} over {FULL_DPO} (NWR 95% CI above 0) with no "
-        f"significant effect on {COHERENCE} or {FACTUALITY} (their NWR 95% CIs include 0).",
+        "statement": f"{LOCAL} improves {GRAMMAR} over {FULL_DPO} significantly (NWR 95% CI "
+        f"above 0 and binomial p < 0.05) with no significant effect on {COHERENCE} or "
+        f"{FACTUALITY}.",
         "held": _all(parts),
         "evidence": "; ".join(_quote(cells, local, d) for d in (GRAMMAR, COHERENCE, FACTUALITY)),
     }
@@ -88,13 +99,14 @@ def _prediction_global(cells: dict) -> dict:
         )
         evidence.append(
             f"{_quote(cells, _versus_full(GLOBAL), dim)} (vs. {rival_nwr}): highest "
-            f"{YES_NO[highest]}, CI above 0 {YES_NO[above]}"
+            f"{YES_NO[highest]}, significantly above 0 {YES_NO[above]}"
         )
     return {
         "id": "ii",
         "statement": f"{GLOBAL} is best on {FACTUALITY} and {COHERENCE}: on both, (a) its NWR vs. "
         f"{FULL_DPO} is the highest of the three hierarchical strategies (point estimates; the "
-        "gaps between strategies are not tested) and (b) its NWR 95% CI lies above 0.",
+        "gaps between strategies are not tested) and (b) it is significantly above 0 (NWR 95% "
+        "CI above 0 and binomial p < 0.05).",
         "held": _all(parts),
         "evidence": "; ".join(evidence),
     }
@@ -102,11 +114,11 @@ def _prediction_global(cells: dict) -> dict:
 
 def _prediction_tax(cells: dict, dimensions: list[str]) -> dict:
     statement = (
-        f"{FULL_DPO} pays an alignment tax (NWR vs. {BASE} with 95% CI below 0 on some "
-        "dimension) and, on each such dimension, every hierarchical strategy does significantly "
-        f"better than {FULL_DPO} (NWR CI above 0). Hierarchical strategies are judged only "
-        f"against {FULL_DPO}, not {BASE}, so this tests a necessary consequence of 'avoids the "
-        "tax', not the claim itself."
+        f"{FULL_DPO} pays an alignment tax (a significant loss vs. {BASE}: NWR 95% CI below 0 "
+        "and binomial p < 0.05, on some dimension) and, on each such dimension, every "
+        f"hierarchical strategy does significantly better than {FULL_DPO}. Hierarchical "
+        f"strategies are judged only against {FULL_DPO}, not {BASE}, so this tests a necessary "
+        "consequence of 'avoids the tax', not the claim itself."
     )
     tax = {dim: _ci_below_zero(cells.get((TAX_COMPARISON, dim))) for dim in dimensions}
     taxed = [dim for dim, paid in tax.items() if paid]

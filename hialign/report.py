@@ -14,15 +14,18 @@ from pathlib import Path
 from hialign.figures import plot_nwr_heatmap, plot_win_tie_loss
 from hialign.predictions import evaluate_predictions
 from hialign.stats import (
+    ALPHA,
     COMPARISONS,
     DIMENSION_LABELS,
     POOLED_MODEL,
     comparison_order,
+    degenerate_interval,
     dimension_order,
     format_interval,
     format_p_value,
     headline_rows,
     ordered,
+    significance,
     with_stats,
 )
 
@@ -37,7 +40,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ALPHA = 0.05
 MAX_SKIPPED_LISTED = 50
 FULL_DPO = "Full-DPO"
 NOT_RECORDED = "_Not recorded in results._"
@@ -88,13 +90,17 @@ def _summary(results: dict, headline: list[dict], predictions: list[dict]) -> li
     )
     found = {}
     for r in headline:
-        if r["nwr_ci_low"] is not None and (r["nwr_ci_low"] > 0 or r["nwr_ci_high"] < 0):
-            word = "better" if r["nwr_ci_low"] > 0 else "worse"
+        sign = significance(r)
+        if sign:
+            word = "better" if sign > 0 else "worse"
             found.setdefault(r["comparison"], []).append(
                 f"{word} on {r['dimension']} ({r['net_win_rate']:+.2f})"
             )
     found = "; ".join(f"{name}: {', '.join(parts)}" for name, parts in found.items())
-    text += f" Differences whose NWR 95% CI excludes 0: {found or 'none'}."
+    text += (
+        " Significant differences (NWR 95% CI excludes 0 and exact binomial p < 0.05): "
+        f"{found or 'none'}."
+    )
     tally = [sum(p["held"] is v for p in predictions) for v in (True, False, None)]
     text += f" Predictions: {tally[0]} held, {tally[1]} not held, {tally[2]} undecided."
     return [text, ""]
@@ -185,18 +191,21 @@ def _significance_section(rows: list[dict]) -> list[str]:
         nwr = f"{s['net_win_rate']:+.3f}"
         if s["nwr_ci_low"] is not None:
             nwr += " " + format_interval(s["nwr_ci_low"], s["nwr_ci_high"])
-        mark = "**yes**" if s["p_value"] < ALPHA else "no"
+            if degenerate_interval(s):
+                nwr += " (zero width: W or L is 0)"
+        mark = "**yes**" if significance(s) else "no"
         line = [s["comparison"], s["dimension"], str(s["total"]), nwr, win]
         body.append(([s["model"]] if several else []) + line + [format_p_value(s["p_value"]), mark])
     header = ["Comparison", "Dimension", "N", "NWR [95% CI]", "Win rate excl. ties [Wilson 95% CI]"]
-    header = (["Model"] if several else []) + header + ["p (exact binomial)", f"p < {ALPHA}"]
+    header = (["Model"] if several else []) + header + ["p (exact binomial)", "significant"]
     note = (
         "NWR = (W − L)/N with a delta-method interval (tie share fixed, not clipped to [−1, 1]); "
         "win rate excluding ties W/(W + L) with a Wilson interval; two-sided exact binomial test "
         f"of W in W + L at 0.5. The {len(stats)} p-values are not corrected for multiple testing "
-        f"(Bonferroni would need p < {ALPHA / max(1, len(stats)):.2g}). Near the threshold the "
-        "NWR interval (a normal approximation) and the exact test can disagree; the predictions "
-        "below use the interval."
+        f"(Bonferroni would need p < {ALPHA / max(1, len(stats)):.2g}). A difference counts as "
+        f"significant (here, in the summary, the predictions and the * of the figures) only when "
+        f"the NWR interval excludes 0 *and* p < {ALPHA}: the interval is a normal approximation "
+        "that collapses to a point when W or L is 0, the exact test is valid at any count."
     )
     skipped = len(rows) - len(stats)
     if skipped:

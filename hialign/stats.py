@@ -19,6 +19,11 @@ Edge-case rules (each has a test):
   overshoot itself warns that the normal approximation is poor there.
 - When W or L is 0 the delta-method standard error is 0 and the NWR interval collapses to a
   point; the Wilson interval and the exact p-value stay informative, so read those instead.
+
+A difference is called *significant* (report, figures, predictions: ``significance``) only when
+the NWR 95% interval excludes 0 *and* the exact binomial p-value is below 0.05. The interval
+alone would call a single decisive verdict significant (W=0, L=1 collapses to [-x, -x]); the
+exact test is the one valid at small counts, the interval keeps the NWR scale of the paper.
 """
 
 from __future__ import annotations
@@ -141,6 +146,27 @@ def binomial_p_value(wins: int, losses: int) -> float:
     if wins + losses == 0:
         return 1.0
     return float(binomtest(wins, wins + losses, 0.5, alternative="two-sided").pvalue)
+
+
+ALPHA = 0.05
+
+
+def significance(row: dict | None, alpha: float = ALPHA) -> int | None:
+    """+1 (significantly better) or -1 (worse) when the NWR interval of ``row`` excludes 0 and
+    its exact binomial p-value is below ``alpha``; 0 when not significant; None when the row is
+    missing or has no interval (all ties)."""
+    if row is None or row["nwr_ci_low"] is None:
+        return None
+    if row["p_value"] >= alpha:
+        return 0
+    if row["nwr_ci_low"] > 0:
+        return 1
+    return -1 if row["nwr_ci_high"] < 0 else 0
+
+
+def degenerate_interval(row: dict) -> bool:
+    """True when the NWR interval has zero width because W or L is 0 (but not both)."""
+    return row["nwr_ci_low"] is not None and min(row["wins"], row["losses"]) == 0
 
 
 def comparison_stats(

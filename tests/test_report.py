@@ -7,7 +7,13 @@ import re
 import pytest
 
 from hialign.report import evaluate_predictions, write_report
-from hialign.stats import COMPARISONS, DIMENSION_LABELS, comparison_stats, read_counts_csv
+from hialign.stats import (
+    COMPARISONS,
+    DIMENSION_LABELS,
+    comparison_stats,
+    read_counts_csv,
+    significance,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DIMENSIONS = list(DIMENSION_LABELS.values())
@@ -327,3 +333,38 @@ def test_predictions_pool_several_models_without_pooled_rows(paper_counts_path):
         for r in counts
     ]
     assert held(rows) == {"i": True, "ii": True, "iii": False}
+
+
+# --- significance: the interval alone is not enough ------------------------------------------
+@pytest.mark.parametrize(
+    "counts,expected",
+    [
+        ((0, 1, 2), 0),  # one decisive loss: interval collapses to [-0.33, -0.33], p = 1
+        ((5, 0, 35), 0),  # interval [+0.125, +0.125] but p = 0.0625
+        ((3, 0, 0), 0),  # [+1, +1], p = 0.25
+        ((6, 0, 0), 1),  # p = 0.031: significant, though the interval is still a point
+        ((60, 10, 30), 1),
+        ((10, 60, 30), -1),
+        ((30, 30, 40), 0),
+        ((0, 0, 9), None),  # all ties: nothing to test
+    ],
+)
+def test_significance_needs_interval_and_exact_test(counts, expected):
+    assert significance(stats_row("A vs. B", "Coherence", counts)) == expected
+
+
+def test_a_single_decisive_verdict_is_not_reported_as_significant(results, tmp_path):
+    rows = [stats_row(name, dim, (0, 1, 2)) for name in NAMES for dim in DIMENSIONS]
+    report = write_report({**results, "comparisons": rows}, tmp_path).read_text()
+    assert "Significant differences (NWR 95% CI excludes 0 and exact binomial p < 0.05): none." in (
+        report
+    )
+    assert "(zero width: W or L is 0)" in section(report, "## Significance")
+    assert "**yes**" not in section(report, "## Significance")
+    assert held(rows) == {"i": False, "ii": False, "iii": False}
+
+
+def test_local_grammar_win_counts_only_when_the_exact_test_agrees():
+    small_win = {(LOCAL, "Grammar Fluency"): (5, 0, 35)}  # interval above 0, p = 0.0625
+    assert held(scenario(small_win))["i"] is False
+    assert held(scenario({(LOCAL, "Grammar Fluency"): (9, 0, 31)}))["i"] is True  # p = 0.004
