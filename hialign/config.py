@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -75,7 +76,14 @@ class RunConfig:
     def validate(self) -> None:
         """Check every value before anything is loaded; errors name the flag at fault."""
         for f in fields(self):
-            _check_type(f.name, getattr(self, f.name), f.type)
+            value = _coerce_number(getattr(self, f.name), f.type)
+            setattr(self, f.name, value)
+            _check_type(f.name, value, f.type)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{_flag(f.name)} must be a finite number, got {value}")
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise ValueError(f"{_flag(f.name)} must be one of {list(choices)}, got {value!r}")
         if not self.data:
             raise ValueError("--data is required")
         if not self.out:
@@ -138,6 +146,18 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _coerce_number(value, annotation: str):
+    """YAML 1.1 reads ``5e-4`` (no dot) as a string; a float field takes it as the number it
+    plainly is. Anything else is left for ``_check_type`` to judge."""
+    if str(annotation).split("|")[0].strip() == "float" and isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return number if math.isfinite(number) else value
+    return value
+
+
 def _check_type(name: str, value, annotation: str) -> None:
     """Reject YAML values of the wrong type (e.g. ``train_pairs: eight``) with a clear message."""
     optional = "None" in str(annotation)
@@ -182,7 +202,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_yaml_config(path: str | Path) -> dict:
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of RunConfig keys")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}

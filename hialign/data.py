@@ -48,6 +48,7 @@ import json
 import logging
 import random
 import re
+import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -170,15 +171,22 @@ def _rows(spec: str, split: str) -> Iterator[tuple[str, int, object]]:
 
 def _file_rows(path: Path) -> Iterator[tuple[str, int, object]]:
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except ValueError:  # also UnicodeDecodeError
-                row = _Skip("bad json")
-            yield str(path), line_number, row
+    line_number = 0
+    try:
+        with opener(path, "rb") as handle:
+            for line_number, raw in enumerate(handle, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw)
+                except ValueError:  # also UnicodeDecodeError
+                    row = _Skip("bad json")
+                yield str(path), line_number, row
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:  # a cut or mislabelled archive
+        raise DataSourceError(
+            f"{path}: unreadable gzip after line {line_number} ({err}); the file is truncated "
+            "or not gzip-compressed"
+        ) from None
 
 
 def _hub_rows(spec: str, split: str) -> Iterator[tuple[str, int, object]]:
@@ -254,6 +262,8 @@ def _merge_turns(turns: Sequence[tuple[str, str]]) -> tuple[dict, ...]:
             messages.append({"role": role, "content": content})
     if not messages or messages[-1]["role"] != "user":
         raise _Skip("no user turn")
+    if not messages[-1]["content"]:
+        raise _Skip("empty prompt")
     return tuple(messages)
 
 
@@ -274,6 +284,8 @@ def _prompt_messages(value: object) -> tuple[dict, ...]:
         raise _Skip("wrong type for 'prompt'")
     if not messages or messages[-1]["role"] != "user":
         raise _Skip("no user turn")
+    if not messages[-1]["content"]:
+        raise _Skip("empty prompt")
     return tuple(messages)
 
 

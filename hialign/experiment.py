@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import shutil
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -80,6 +81,13 @@ def run_experiment(config: RunConfig) -> dict:
         ours.setLevel(logging.INFO)
     try:
         return Experiment(config, out).run()
+    except BaseException as err:  # interrupts too: run.log says how and where the run stopped
+        record = logging.LogRecord(
+            logger.name, logging.ERROR, __file__, 0, "run stopped: %s: %s",
+            (type(err).__name__, err), sys.exc_info(),
+        )  # fmt: skip
+        handler.handle(record)  # the file only: the CLI prints its own one-line error
+        raise
     finally:
         ours.setLevel(level)
         logging.getLogger().removeHandler(handler)
@@ -102,7 +110,6 @@ class Experiment:
         from accelerate import Accelerator
 
         config = self.config
-        (self.out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         self.load_data()  # first: --strict fails on a malformed row before any model loads
 
         self.accelerator = Accelerator()
@@ -113,6 +120,9 @@ class Experiment:
         self.partition()
         self.tokenize()
         self.log_plan()
+        # Written once data, model and blocks are known to be valid, so a run that fails on its
+        # inputs leaves an earlier run's config.yaml (matching its report) untouched.
+        (self.out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         self.reference = self.reference_logps()
 
         self.decoding = DecodingSettings(

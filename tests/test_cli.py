@@ -22,3 +22,14 @@ def test_blocks_with_four_blocks(capsys, smollm2_path):
 def test_missing_gguf_is_a_one_line_error(caplog):
     assert main(["blocks", "--model", "/nowhere/model.gguf"]) == 2
     assert "GGUF file not found: /nowhere/model.gguf" in caplog.text
+
+
+def test_failed_run_keeps_the_earlier_config_and_says_why_in_run_log(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("data: earlier.jsonl\n")
+    missing = tmp_path / "nowhere.jsonl"
+    assert main(["run", "--data", str(missing), "--out", str(out)]) == 2
+    assert (out / "config.yaml").read_text() == "data: earlier.jsonl\n"
+    log = (out / "run.log").read_text()
+    assert "run stopped: " in log and "nowhere.jsonl" in log

@@ -51,7 +51,10 @@ def test_unions_and_explicit_blocks_are_accepted():
 def test_yaml_values_of_the_wrong_type_are_refused(tmp_path):
     for text, message in [
         ("train_pairs: eight\n", "--train-pairs must be int, got 'eight'"),
-        ('beta: "0.1"\n', "--beta must be float"),
+        ('beta: "small"\n', "--beta must be float, got 'small'"),
+        ("beta: .nan\n", "--beta must be a finite number"),
+        ("precision: fp16\n", "--precision must be one of \\['bf16', 'fp32'\\], got 'fp16'"),
+        ("data: [unclosed\n", "run.yaml: not valid YAML"),
         ("strategies: [local, global]\n", "--strategies must be str"),
         ("strict: 1\n", "--strict must be bool"),
         ("trian_pairs: 8\n", "unknown keys \\['trian_pairs'\\]"),
@@ -73,3 +76,10 @@ def test_integers_are_accepted_where_floats_are_expected():
     c = RunConfig(data="d", out="o", beta=1, learning_rate=1)
     c.validate()
     assert c.beta == 1
+
+
+def test_yaml_reads_exponent_floats_that_yaml_leaves_as_strings(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rate: 5e-4\nbeta: '0.2'\n")  # YAML 1.1: both are strings
+    c = config("--config", str(path))
+    assert (c.learning_rate, c.beta) == (0.0005, 0.2)

@@ -153,6 +153,9 @@ MALFORMED = [  # (reason, row written at line 2, after a good row)
     ("no user turn", {"prompt": [user("Hi?"), assistant("Hi.")], "chosen": "a", "rejected": "b"}),
     ("no assistant turn", {"prompt": "Hi?", "chosen": [user("4")], "rejected": "5"}),
     ("empty reply", {"prompt": "Hi?", "chosen": "", "rejected": "5"}),
+    ("empty prompt", {"prompt": "  ", "chosen": "Yes.", "rejected": "No."}),
+    ("empty prompt", {"prompt": [user("")], "chosen": "Yes.", "rejected": "No."}),
+    ("empty prompt", hh_row("Yes.", question="", other_question="")),
 ]
 
 
@@ -234,6 +237,15 @@ def test_directory_reads_every_jsonl_file_sorted_by_name(tmp_path):
     assert data.rows_read == 3
     assert [p.source for p in data.pairs] == ["a.jsonl.gz:1", "b.jsonl:1"]
     assert data.skipped == [SkippedRow("b.jsonl:2", "bad json")]
+
+
+@pytest.mark.parametrize("content", [b"\x1f\x8b\x08\x00cut", b"not gzip at all"])
+def test_truncated_or_mislabelled_gzip_names_the_file(tmp_path, content):
+    good = gzip.compress(json.dumps(GOOD_ROW).encode() + b"\n")
+    path = tmp_path / "rows.jsonl.gz"
+    path.write_bytes(content if content.startswith(b"not") else good[: len(good) // 2])
+    with pytest.raises(DataSourceError, match="rows.jsonl.gz: unreadable gzip"):
+        load_preferences(str(path))
 
 
 def test_folder_without_jsonl_files_is_an_error(tmp_path):
