@@ -76,8 +76,16 @@ def _add_judge(sub) -> None:
     p.add_argument(
         "--cache", default=None, help="SQLite cache of judge calls (default: OUT + .cache.sqlite)"
     )
-    p.add_argument("--max-retries", type=int, default=5, help="HTTP retries per call")
-    p.add_argument("--parse-retries", type=int, default=2, help="re-asks on unparseable output")
+    p.add_argument(
+        "--max-retries", "--judge-max-retries", type=int, default=5, help="HTTP retries per call"
+    )
+    p.add_argument(
+        "--parse-retries",
+        "--judge-parse-retries",
+        type=int,
+        default=2,
+        help="re-asks on unparseable output",
+    )
     p.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per HTTP request")
     p.add_argument("--judge-max-tokens", type=int, default=4096, help="completion cap per call")
     p.add_argument(

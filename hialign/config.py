@@ -89,10 +89,12 @@ class RunConfig:
         if not self.out:
             raise ValueError("--out is required")
         positive = ("train_pairs", "eval_prompts", "max_length", "batch_size", "grad_accum")
-        for name in positive + ("epochs", "lora_rank", "max_new_tokens", "gen_batch_size"):
+        positive += ("epochs", "lora_rank", "max_new_tokens", "gen_batch_size")
+        for name in positive + ("judge_concurrency", "judge_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "weight_decay", "min_response_tokens"):
+        non_negative = ("max_steps", "warmup_steps", "weight_decay", "min_response_tokens")
+        for name in non_negative + ("judge_max_retries", "judge_parse_retries"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("beta", "learning_rate", "temperature", "judge_timeout"):
@@ -126,6 +128,9 @@ class RunConfig:
                 continue
             if "full" in parts:
                 raise ValueError(f"strategy {strategy!r}: 'full' cannot be part of a union")
+            repeated = [p for i, p in enumerate(parts) if p in parts[:i]]
+            if repeated:
+                raise ValueError(f"strategy {strategy!r} names block {repeated[0]!r} twice")
             unknown = [p for p in parts if p not in names]
             if unknown:
                 raise ValueError(

@@ -230,11 +230,44 @@ def objectives_sentence(summaries: dict[str, dict]) -> str | None:
     )
 
 
+def check_probe_arguments(args) -> None:
+    """Refuse bad flags before data or model load (and before minutes of gradients)."""
+    for flag, value, low in (
+        ("--pairs", args.pairs, 2),  # a bootstrap over pairs needs two
+        ("--max-length", args.max_length, 2),
+        ("--batch-size", args.batch_size, 1),
+        ("--num-blocks", args.num_blocks, 1),
+        ("--bootstrap", args.bootstrap, 1),
+    ):
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if not args.beta > 0:
+        raise ValueError(f"--beta must be > 0, got {args.beta}")
+    if args.min_block_size is not None and args.min_block_size < 1:
+        raise ValueError(f"--min-block-size must be >= 1, got {args.min_block_size}")
+    for subset in args.subset or []:
+        name, sep, pattern = subset.partition("=")
+        if not sep or not name or not pattern:
+            raise ValueError(f"--subset {subset!r} is not of the form NAME=REGEX")
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"--subset {subset!r}: bad regular expression: {err}") from None
+    if args.device != "auto":
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as err:
+            raise ValueError(f"--device {args.device!r}: {err}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: this torch build sees no CUDA device")
+
+
 def run_probe(args) -> dict:
     """Load model and data, probe, summarise every group, write the three outputs."""
     from hialign.data import load_preferences
     from hialign.modeling import load_model
 
+    check_probe_arguments(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     clock = time.perf_counter()

@@ -34,6 +34,9 @@ def test_smoke_preset_is_overridden_by_explicit_flags():
         (["--learning-rate", "-1"], "--learning-rate must be > 0"),
         (["--top-p", "2"], r"--top-p must be in \(0, 1\]"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--judge-concurrency", "0"], "--judge-concurrency must be >= 1"),
+        (["--judge-max-retries", "-1"], "--judge-max-retries must be >= 0"),
+        (["--strategies", "local+local"], "names block 'local' twice"),
     ],
 )
 def test_bad_values_are_refused_with_the_flag_named(flags, message):

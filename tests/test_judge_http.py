@@ -105,6 +105,31 @@ def test_persistent_5xx_stops_after_max_retries(server):
     assert server.request_count == 3
 
 
+def test_success_status_with_a_non_json_body_is_retried_then_named(server):
+    judge = judge_for(server)
+    assert judge.judge(pairs("html200-once"), progress=False)[0].verdicts == ALL_B
+    assert judge.summary()["retries"] == 2
+    with pytest.raises(JudgeEndpointError, match=r"127\.0\.0\.1.*after 1 retries: a success "):
+        judge_for(server, max_retries=1).judge(pairs("html200"), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (dict(concurrency=0), "--judge-concurrency must be an integer >= 1"),
+        (dict(max_retries=-1), "--judge-max-retries must be an integer >= 0"),
+        (dict(parse_retries=-1), "--judge-parse-retries must be an integer >= 0"),
+        (dict(max_tokens=0), "--judge-max-tokens must be an integer >= 1"),
+        (dict(timeout=0), "--judge-timeout must be a number of seconds > 0"),
+        (dict(timeout=-1.0), "--judge-timeout must be a number of seconds > 0"),
+    ],
+)
+def test_nonsensical_judge_settings_are_refused_before_any_request(server, setting, message):
+    with pytest.raises(ValueError, match=message):
+        judge_for(server, **setting)
+    assert server.request_count == 0
+
+
 def test_4xx_other_than_429_stops_the_run_with_the_servers_message(server):
     judge = judge_for(server)
     with pytest.raises(JudgeEndpointError, match="HTTP 400: The model `nonexistent-judge` does"):

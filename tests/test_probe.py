@@ -308,3 +308,27 @@ def test_probe_on_smollm2_with_hh_rlhf_rows_writes_the_report(tmp_path, hh_path)
     np.testing.assert_allclose(result["per_pair"]["losses"], math.log(2), rtol=1e-6)
     assert "No verdict" in result["groups"]["all"]["sentence"]  # 4 pairs are too few
     assert (out / "per_layer.png").is_file() and (out / "probe.md").is_file()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--pairs", "0"], "--pairs must be >= 2, got 0"),
+        (["--bootstrap", "0"], "--bootstrap must be >= 1"),
+        (["--beta", "0"], "--beta must be > 0"),
+        (["--subset", "x=("], r"--subset 'x=\(': bad regular expression"),
+        (["--subset", "foo"], "not of the form NAME=REGEX"),
+        (["--device", "nonsense"], "--device 'nonsense'"),
+    ],
+)
+def test_bad_probe_flags_are_refused_before_anything_loads(tmp_path, flags, message):
+    from hialign.cli import add_probe_arguments
+    from hialign.probe_report import run_probe
+
+    parser = argparse.ArgumentParser()
+    add_probe_arguments(parser)
+    missing = tmp_path / "never-read.jsonl"  # would fail differently if it were read
+    args = parser.parse_args(["--data", str(missing), "--out", str(tmp_path / "p"), *flags])
+    with pytest.raises(ValueError, match=message):
+        run_probe(args)
+    assert not (tmp_path / "p").exists()

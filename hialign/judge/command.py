@@ -77,9 +77,8 @@ def judge_command(args) -> int:
         cache_path=args.cache or f"{args.out}.cache.sqlite",
         max_retries=args.max_retries,
         parse_retries=args.parse_retries,
-        # Flags the ``judge`` sub-command may not define yet are read with their defaults.
-        timeout=getattr(args, "judge_timeout", None) or 120.0,
-        max_tokens=getattr(args, "judge_max_tokens", None) or 4096,
+        timeout=args.judge_timeout,
+        max_tokens=args.judge_max_tokens,
         prices=parse_prices(getattr(args, "judge_prices", None)),
     )
     described = judge.describe()

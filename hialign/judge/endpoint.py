@@ -12,6 +12,7 @@ privately and scrubbed from every message.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit, urlunsplit
@@ -264,6 +265,9 @@ class OpenAIJudge(Judge):
                 wait_for = None
                 kind = "timeout" if isinstance(err, openai.APITimeoutError) else "connection error"
                 reason = f"{kind} after {self.timeout:g} s" if kind == "timeout" else kind
+            except json.JSONDecodeError as err:  # e.g. a proxy's HTML page sent with HTTP 200
+                wait_for = None
+                reason = f"a success reply whose body is not JSON ({err.msg} at char {err.pos})"
             else:
                 if "response_format" in arguments and self.structured_output is None:
                     logger.info("%s accepts structured output", public_url(self.url))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 from hialign.judge.backoff import RetryPolicy
@@ -10,6 +11,20 @@ from hialign.judge.base import Judge
 from hialign.judge.cache import JudgeCache
 
 logger = logging.getLogger(__name__)
+
+
+def _check_settings(concurrency, max_retries, parse_retries, timeout, max_tokens) -> None:
+    """Refuse nonsensical numbers before any request; messages name the flags."""
+    for flag, value, low in (
+        ("--judge-concurrency", concurrency, 1),
+        ("--judge-max-retries", max_retries, 0),
+        ("--judge-parse-retries", parse_retries, 0),
+        ("--judge-max-tokens", max_tokens, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{flag} must be an integer >= {low}, got {value!r}")
+    if not isinstance(timeout, int | float) or not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"--judge-timeout must be a number of seconds > 0, got {timeout!r}")
 
 
 def build_judge(
@@ -47,6 +62,7 @@ def build_judge(
         max_tokens: completion cap per request (reasoning judges need room to think).
         local_settings: ``LocalJudgeSettings`` (token caps, batch size, precision).
     """
+    _check_settings(concurrency, max_retries, parse_retries, timeout, max_tokens)
     cache = JudgeCache(cache_path) if cache_path else None
     if url:
         from hialign.judge.endpoint import OpenAIJudge

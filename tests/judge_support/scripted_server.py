@@ -94,7 +94,7 @@ class ScriptedJudgeServer:
                     time.sleep(sleep)
                 finally:
                     server.leave()
-                data = json.dumps(payload).encode()
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 try:
                     self.send_response(status)
                     for name, value in {**headers, "Content-Type": "application/json"}.items():
@@ -221,6 +221,8 @@ class ScriptedJudgeServer:
             return 500, {}, error("internal error"), 0.0
         if style == "error500-once" and attempt == 0:
             return 500, {}, error("internal error"), 0.0
+        if style == "html200" or (style == "html200-once" and attempt == 0):
+            return 200, {}, b"<html><body>Gateway says hello</body></html>", 0.0
         if style == "ratelimit-once" and attempt == 0:
             return 429, {"Retry-After": "1"}, error("rate limited"), 0.0
         if style == "slow-once" and attempt == 0:
