@@ -7,6 +7,7 @@ The merged folder is plain safetensors + config + tokenizer, so
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +22,12 @@ def save_adapter(peft_model: PeftModel, out_dir: Path) -> Path:
     """Save the adapter as PEFT does (adapter_config.json + adapter_model.safetensors)."""
     peft_model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def merge_and_save(
@@ -42,6 +49,12 @@ def merge_and_save(
         tmp = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.partial-", dir=out_dir.parent))
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        # mkdtemp makes the folder owner-only and transformers writes its weight shards 0600;
+        # a saved model is meant to be shared (vLLM servers, colleagues): the usual modes.
+        mask = _umask()
+        tmp.chmod(0o777 & ~mask)
+        for file in tmp.rglob("*"):
+            file.chmod((0o777 if file.is_dir() else 0o666) & ~mask)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

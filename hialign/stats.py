@@ -249,6 +249,12 @@ def read_counts_csv(path: str | Path) -> list[dict]:
 
 def _parse_count_record(record: dict, where: str) -> dict:
     """Validate one CSV record; ``where`` is ``file:line`` for error messages."""
+    extra = record.get(None)  # csv.DictReader puts fields beyond the header under None
+    if extra:
+        raise ValueError(f"{where}: {len(extra)} more field(s) than the header has: {extra}")
+    short = [field for field in COUNT_COLUMNS if record.get(field) is None]
+    if short:
+        raise ValueError(f"{where}: fewer fields than the header; missing {', '.join(short)}")
     row = {}
     for field in COUNT_COLUMNS[:3]:
         text = (record.get(field) or "").strip()
@@ -411,6 +417,7 @@ def stats_command(path: str | Path, fmt: str = "table", out: str | Path | None =
     if out is None:
         print(text, end="")
     else:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text, encoding="utf-8")
         logger.info("wrote statistics for %d rows to %s (%s)", len(stats), out, fmt)
     return 0

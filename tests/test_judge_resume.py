@@ -118,3 +118,13 @@ def test_cli_rejects_a_broken_pairs_file_naming_the_line(tmp_path, caplog, bad):
                  "http://127.0.0.1:9/v1", "--judge-model", "m"])  # fmt: skip
     assert code == 2
     assert "pairs.jsonl:1:" in caplog.text
+
+
+def test_cli_exits_non_zero_when_every_verdict_is_invalid(tmp_path, caplog):
+    pairs, out, cache = tmp_path / "pairs.jsonl", tmp_path / "v.jsonl", tmp_path / "c.sqlite"
+    write_pairs(pairs, 2, style="malformed")
+    with ScriptedJudgeServer() as server:
+        assert main(judge_args(pairs, out, server, cache) + ["--parse-retries", "0"]) == 3
+    rows = [json.loads(line) for line in out.read_text().splitlines()]  # still written
+    assert all(set(row["verdicts"].values()) == {"invalid"} for row in rows)
+    assert "every verdict is invalid" in caplog.text

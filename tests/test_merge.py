@@ -1,5 +1,7 @@
 """Stage 4: merged model saves as plain safetensors and reloads with identical logits."""
 
+import os
+
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -26,6 +28,10 @@ def test_merged_model_reloads_with_identical_logits(tmp_path, tokenizer):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "merged" / "model.safetensors").is_file()
     assert not list((tmp_path / "merged").glob("*.bin"))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "merged").stat().st_mode & 0o777 == 0o777 & ~mask  # not mkdtemp's 0700
+    assert (tmp_path / "merged" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         merged_logits = merged(input_ids=ids).logits

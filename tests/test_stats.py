@@ -217,6 +217,21 @@ def test_read_counts_csv_rejects_bad_counts(tmp_path, value):
         read_counts_csv(path)
 
 
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("A vs. B,Coherence,M,1,2,3,4", "judge_counts.csv:2: 1 more field\\(s\\) than the header"),
+        (
+            "A vs. B,Coherence,M,1,2",
+            "judge_counts.csv:2: fewer fields than the header; missing ties",
+        ),
+    ],
+)
+def test_read_counts_csv_rejects_rows_with_the_wrong_number_of_fields(tmp_path, line, message):
+    with pytest.raises(ValueError, match=message):
+        read_counts_csv(write_csv(tmp_path, line + "\n"))
+
+
 def test_read_counts_csv_names_missing_columns(tmp_path):
     path = tmp_path / "counts.csv"
     path.write_text("comparison,dimension,wins,losses\nA vs. B,Coherence,1,2\n")

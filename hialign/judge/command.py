@@ -92,5 +92,15 @@ def judge_command(args) -> int:
     logger.info("wrote %d verdict rows to %s", len(results), args.out)
     if described["warning"]:
         logger.warning("judge warning: %s", described["warning"])
-    print(summary_line(judge.summary()), flush=True)
+    summary = judge.summary()
+    print(summary_line(summary), flush=True)
+    if summary["judgements"] and sum(summary["invalid"].values()) == summary["judgements"] * len(
+        DIMENSIONS
+    ):
+        logger.error(
+            "every verdict is invalid: the judge's answers could not be read (raw answers are "
+            "in %s); check --judge-model and the endpoint",
+            args.out,
+        )
+        return 3
     return 0
