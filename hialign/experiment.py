@@ -102,6 +102,7 @@ class Experiment:
         self.timings: dict[str, float] = {}
         self.answers: dict[str, list[str]] = {}
         self.training: dict[str, dict] = {}
+        self.reused: list[str] = []  # stages taken from an earlier run or the cache
 
     def _timed(self, name: str, start: float) -> None:
         self.timings[name] = round(time.perf_counter() - start, 2)
@@ -246,6 +247,8 @@ class Experiment:
         lowest = {parse_strategy(s, self.blocks)[0] for s in self.strategies}
         states: dict[int, dict] = {layer: {} for layer in sorted(lowest) if layer > 0}
         reference, cached = cached_reference_logps(key, compute)
+        if cached:
+            self.reused.append("reference log-probs (cache)")
         # From the cache there was no pass: each strategy's first epoch captures its own.
         self.prefix_states = {} if cached else states
         self._timed("reference", start)
@@ -277,6 +280,7 @@ class Experiment:
                 for r, p in zip(rows, self.eval_prompts)
             ):
                 logger.info("%s: reusing %d answers from %s", group, len(rows), path)
+                self.reused.append(f"generate {group}")
                 self.answers[group] = [r["answer"] for r in rows]
                 return
         start = time.perf_counter()
@@ -316,6 +320,7 @@ class Experiment:
             previous = None
         if previous is not None and (folder / "adapter" / "adapter_config.json").is_file():
             logger.info("%s: reusing the trained adapter in %s", strategy, folder / "adapter")
+            self.reused.append(f"train {strategy}")
             result = previous
             peft_model = PeftModel.from_pretrained(model, folder / "adapter")
         else:
@@ -362,6 +367,7 @@ class Experiment:
             self.strategies, self.data, self.train_pairs, self.eval_pairs, self.too_long,
             self.training, self.decoding, judged, self.comparisons, self.timings,
         )  # fmt: skip
+        results["reused"] = self.reused
         write_json(self.out / "results.json", results)
         report = write_report(results, self.out)
         logger.info("report written to %s", report)

@@ -128,6 +128,11 @@ def _judge_section(judge: dict) -> list[str]:
     if judge.get("prompt_tokens") or judge.get("completion_tokens"):
         tokens = f"{judge.get('prompt_tokens', 0):,} prompt, {judge.get('completion_tokens', 0):,}"
         lines.append(f"- Tokens: {tokens} completion")
+    if judge.get("cache_hits"):
+        lines.append(
+            f"- {judge['cache_hits']:,} calls were answered from the judge cache (an earlier run "
+            "or a repeated question): tokens and cost count this invocation's requests only"
+        )
     calls = [
         f"{judge[key]:,} {label}"
         for key, label in (
@@ -299,12 +304,19 @@ def _data_section(data: dict) -> list[str]:
     return lines + [""] if listed else lines
 
 
-def _timings_section(timings: dict) -> list[str]:
+def _timings_section(timings: dict, reused: list[str]) -> list[str]:
     if not timings:
         return ["## Timings", "", NOT_RECORDED, ""]
     body = [[stage, f"{seconds:.1f}"] for stage, seconds in timings.items()]
     body.append(["**total**", f"{sum(timings.values()):.1f}"])
-    return ["## Timings", "", *_table(["Stage", "Seconds"], body)]
+    lines = ["## Timings", ""]
+    if reused:
+        lines += [
+            "Seconds of this invocation only. Reused from an earlier run in this folder (or the "
+            f"cache), so not re-timed: {', '.join(reused)}.",
+            "",
+        ]
+    return lines + _table(["Stage", "Seconds"], body)
 
 
 def render_report(results: dict, figures: dict[str, str]) -> str:
@@ -323,7 +335,7 @@ def render_report(results: dict, figures: dict[str, str]) -> str:
     lines += _training_section(results.get("training") or {})
     lines += _settings_section(results.get("settings") or {}, results.get("generation") or {})
     lines += _data_section(results.get("data") or {})
-    lines += _timings_section(results.get("timings") or {})
+    lines += _timings_section(results.get("timings") or {}, results.get("reused") or [])
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -146,6 +146,13 @@ def test_rerun_resumes_without_retraining(smoke_run, hh_path):
     assert after["training"] == before["training"]
     assert "train global" not in after["timings"]  # nothing retrained
     assert time.perf_counter() - start < first_seconds
+    assert before["reused"] == []
+    assert {"reference log-probs (cache)", "train global", "generate Global-Align"} <= set(
+        after["reused"]
+    )
+    report = (out / "report.md").read_text()
+    assert "Reused from an earlier run in this folder" in report
+    assert "calls were answered from the judge cache" in report
 
 
 def test_strict_stops_at_the_first_malformed_row_before_loading_a_model(hh_path, tmp_path, caplog):
