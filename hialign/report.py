@@ -275,10 +275,12 @@ def _training_section(training: dict) -> list[str]:
     return ["## Training", "", *_table(header, body)]
 
 
-def _settings_section(settings: dict, generation: dict) -> list[str]:
+def _settings_section(settings: dict, generation: dict, model: dict) -> list[str]:
     if not settings and not generation:
         return ["## Settings", "", NOT_RECORDED, ""]
     body = [[key, value] for key, value in settings.items()]
+    if settings.get("model") is None and model.get("name"):  # no --model: say which one ran
+        body = [[k, f"default ({model['name']})" if k == "model" else v] for k, v in body]
     body += [[f"generation.{key}", value] for key, value in generation.items()]
     return ["## Settings", "", *_table(["Setting", "Value"], body)]
 
@@ -333,7 +335,9 @@ def render_report(results: dict, figures: dict[str, str]) -> str:
     lines += ["## Figures", ""] + [f"![{caption}]({path})\n" for caption, path in figures.items()]
     lines += _predictions_section(predictions) + _blocks_section(results)
     lines += _training_section(results.get("training") or {})
-    lines += _settings_section(results.get("settings") or {}, results.get("generation") or {})
+    lines += _settings_section(
+        results.get("settings") or {}, results.get("generation") or {}, results.get("model") or {}
+    )
     lines += _data_section(results.get("data") or {})
     lines += _timings_section(results.get("timings") or {}, results.get("reused") or [])
     return "\n".join(lines).rstrip() + "\n"

@@ -85,7 +85,14 @@ def results(llama_rows) -> dict:
         },
         "blocks": [{"name": name, "layers": layers} for name, layers in thirds.items()],
         "strategies": ["full", "local", "mid", "global"],
-        "settings": {"beta": 0.1, "lr": 5e-5, "lora_rank": 8, "steps": 8, "seed": 1234},
+        "settings": {
+            "model": None,
+            "beta": 0.1,
+            "lr": 5e-5,
+            "lora_rank": 8,
+            "steps": 8,
+            "seed": 1234,
+        },
         "data": {
             "source": "harmless-base/test.jsonl.gz",
             "rows_read": 2312,
@@ -213,6 +220,7 @@ def test_report_block_map_and_training_summary(written):
         report, "## Training"
     )
     assert "| **total** | 1200.0 |" in section(report, "## Timings")
+    assert "| model | default (SmolLM2-135M-Instruct) |" in section(report, "## Settings")
 
 
 def test_report_without_comparisons_fails_clearly(results, tmp_path):
