@@ -17,16 +17,14 @@ def _add_blocks(sub) -> None:
 
 
 def _blocks(args) -> int:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import torch
+    from transformers import AutoModelForCausalLM
 
-    from hialign.modeling import resolve_model
+    from hialign.modeling import load_config
     from hialign.partition import attention_modules, format_block_map, partition_layers
 
-    resolved = resolve_model(args.model)
+    config, resolved = load_config(args.model)
     # Build the architecture on the meta device: no weights are read to print the map.
-    import torch
-
-    config = AutoConfig.from_pretrained(resolved.path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     projections, path = attention_modules(model)

@@ -197,7 +197,8 @@ def _hub_rows(spec: str, split: str) -> Iterator[tuple[str, int, object]]:
     except Exception as err:  # the hub raises many types; all mean "could not get it"
         raise DataSourceError(
             f"{spec!r} is not a local file or folder, so it was read as a Hugging Face hub "
-            f"dataset, which failed (this needs network access to the hub): {err}"
+            f"dataset, which failed (this needs network access to the hub; without one set "
+            f"HF_HUB_OFFLINE=1 to fail at once): {err}"
         ) from err
     for index, row in enumerate(dataset, start=1):
         yield f"{spec}[{split}]", index, row

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -132,6 +134,25 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def _load_error(spec: str | None, resolved: ResolvedModel, err: OSError) -> ModelLoadError:
+    hint = ""
+    if resolved.path == spec and not Path(spec).exists():  # it was read as a hub id
+        hint = (
+            f" ({spec!r} is no local path, so it was fetched from the Hugging Face hub; without "
+            "a network set HF_HUB_OFFLINE=1 to fail at once, or pass a local folder or .gguf file)"
+        )
+    return ModelLoadError(f"could not load model {spec!r}: {err}{hint}")
+
+
+def load_config(spec: str | None) -> tuple[PretrainedConfig, ResolvedModel]:
+    """The model's config alone (no weights), from any spec ``resolve_model`` accepts."""
+    resolved = resolve_model(spec)
+    try:
+        return AutoConfig.from_pretrained(resolved.path), resolved
+    except OSError as err:
+        raise _load_error(spec, resolved, err) from err
+
+
 def load_model(
     spec: str | None, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ResolvedModel]:
@@ -141,7 +162,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype)
         tokenizer = load_tokenizer(resolved.path)
     except OSError as err:
-        raise ModelLoadError(f"could not load model {spec!r}: {err}") from err
+        raise _load_error(spec, resolved, err) from err
     model.config.use_cache = False
     logger.info(
         "loaded %s: %s, %.1f M params",

@@ -33,3 +33,18 @@ def test_failed_run_keeps_the_earlier_config_and_says_why_in_run_log(tmp_path):
     assert (out / "config.yaml").read_text() == "data: earlier.jsonl\n"
     log = (out / "run.log").read_text()
     assert "run stopped: " in log and "nowhere.jsonl" in log
+
+
+def test_hub_id_offline_fails_at_once_with_a_hint(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "hialign.cli", "blocks", "--model", "someone/no-such-model"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "ModelLoadError: could not load model 'someone/no-such-model'" in done.stderr
+    assert "no local path, so it was fetched from the Hugging Face hub" in done.stderr
