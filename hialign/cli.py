@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
 logger = logging.getLogger("hialign")
@@ -171,6 +172,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_URL_SECRETS = (
+    (re.compile(r"(//)[^/@\s]+@"), r"\1***@"),  # user:password@host
+    (
+        re.compile(r"([?&][^=&\s]*(?:key|token|secret|password|auth)[^=&\s]*=)[^&\s\"']+", re.I),
+        r"\1***",
+    ),
+)
+
+
+def redact_urls(record: logging.LogRecord) -> bool:
+    """Logging filter: credentials in URLs (``user:pass@``, ``?api_key=``) never reach a log,
+    even in the HTTP client libraries' own debug lines."""
+    text = record.getMessage()
+    clean = text
+    for pattern, replacement in _URL_SECRETS:
+        clean = pattern.sub(replacement, clean)
+    if clean != text:
+        record.msg, record.args = clean, None
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -180,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "httpx2", "httpcore", "openai"):  # one line per HTTP request otherwise
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+        logging.getLogger(noisy).addFilter(redact_urls)
     try:
         return args.func(args)
     except (ValueError, RuntimeError, OSError) as err:

@@ -48,3 +48,19 @@ def test_hub_id_offline_fails_at_once_with_a_hint(tmp_path):
     assert done.returncode == 2
     assert "ModelLoadError: could not load model 'someone/no-such-model'" in done.stderr
     assert "no local path, so it was fetched from the Hugging Face hub" in done.stderr
+
+
+def test_http_log_lines_lose_url_credentials():
+    import logging
+
+    from hialign.cli import redact_urls
+
+    record = logging.LogRecord(
+        "httpx", logging.INFO, __file__, 1, 'HTTP Request: %s %s "%s"',
+        ("POST", "http://bob:hunter2@127.0.0.1:8000/v1/chat?api_key=sk-123&x=1", "HTTP/1.1 200"),
+        None,
+    )  # fmt: skip
+    assert redact_urls(record) is True
+    line = record.getMessage()
+    assert "hunter2" not in line and "sk-123" not in line
+    assert "http://***@127.0.0.1:8000/v1/chat?api_key=***&x=1" in line
