@@ -14,6 +14,7 @@ def _add_blocks(sub) -> None:
     p = sub.add_parser("blocks", help="print a model's layer-block map and attention targets")
     p.add_argument("--model", default=None, help="embedded (default), .gguf, folder or hub id")
     p.add_argument("--num-blocks", type=int, default=3, help="number of contiguous blocks")
+    p.add_argument("--blocks", default=None, help="explicit spans to check, e.g. 0-19,20-24,25-29")
     p.set_defaults(func=_blocks)
 
 
@@ -22,7 +23,12 @@ def _blocks(args) -> int:
     from transformers import AutoModelForCausalLM
 
     from hialign.modeling import load_config
-    from hialign.partition import attention_modules, format_block_map, partition_layers
+    from hialign.partition import (
+        attention_modules,
+        blocks_from_spans,
+        format_block_map,
+        partition_layers,
+    )
 
     config, resolved = load_config(args.model)
     # Build the architecture on the meta device: no weights are read to print the map.
@@ -30,7 +36,14 @@ def _blocks(args) -> int:
         model = AutoModelForCausalLM.from_config(config)
     projections, path = attention_modules(model)
     _, layers = _decoder(model)
-    blocks = partition_layers(len(layers), args.num_blocks)
+    if args.blocks == "auto":
+        raise ValueError("--blocks auto comes from the gradient probe: run `hialign probe`")
+    if args.blocks:
+        blocks = blocks_from_spans(args.blocks, len(layers))
+    else:
+        if args.num_blocks < 1:
+            raise ValueError(f"--num-blocks must be >= 1, got {args.num_blocks}")
+        blocks = partition_layers(len(layers), args.num_blocks)
     print(f"{resolved.display_name}: {len(layers)} decoder layers at {path}")
     print(f"attention projections per layer: {', '.join(projections)}")
     print(format_block_map(blocks))

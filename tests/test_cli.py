@@ -19,6 +19,15 @@ def test_blocks_with_four_blocks(capsys, smollm2_path):
     assert "block3: layers   23-29 (7 layers)" in out
 
 
+def test_blocks_previews_explicit_spans_and_refuses_bad_ones(capsys, caplog, smollm2_path):
+    assert main(["blocks", "--blocks", "0-19,20-24,25-29"]) == 0
+    out = capsys.readouterr().out
+    assert "local: layers    0-19 (20 layers)" in out
+    assert "global: layers   25-29 (5 layers)" in out
+    assert main(["blocks", "--blocks", "0-9,12-29"]) == 2
+    assert "do not cover layers 0-29 exactly once" in caplog.text
+
+
 def test_missing_gguf_is_a_one_line_error(caplog):
     assert main(["blocks", "--model", "/nowhere/model.gguf"]) == 2
     assert "GGUF file not found: /nowhere/model.gguf" in caplog.text
