@@ -139,6 +139,7 @@ def _judge_section(judge: dict) -> list[str]:
             ("judge_calls", "judge calls"),
             ("http_requests", "HTTP requests"),
             ("cache_hits", "cache hits"),
+            ("repeats_shared", "identical calls answered once"),
             ("retries", "retries"),
             ("parse_reasks", "re-asks"),
             ("invalid_orders", "invalid single-order answers"),

@@ -190,8 +190,10 @@ def test_invalid_verdicts_are_not_cached_and_are_asked_again(server, tmp_path):
 
 def test_identical_pairs_are_asked_once(server):
     items = [JudgeItem(str(i), "Same question?", "Meh.", "GOOD") for i in range(3)]
-    results = judge_for(server).judge(items, progress=False)
+    judge = judge_for(server)
+    results = judge.judge(items, progress=False)
     assert server.request_count == 2
+    assert judge.summary()["repeats_shared"] == 4  # 6 calls, 2 asked
     assert [r.id for r in results] == ["0", "1", "2"]
     assert all(r.verdicts == ALL_B for r in results)
 

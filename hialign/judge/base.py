@@ -54,6 +54,7 @@ class Judge:
             "judge_calls": 0,
             "http_requests": 0,
             "cache_hits": 0,
+            "repeats_shared": 0,  # calls identical to another call of the batch, asked once
             "retries": 0,
             "parse_reasks": 0,
             "invalid_orders": 0,
@@ -156,6 +157,8 @@ class Judge:
                 )
             )
         self._tally(results, [answers[c.key] for c in calls], hits)
+        with self._lock:
+            self._counts["repeats_shared"] += len(calls) - hits - len(pending)
         return results
 
     def summary(self) -> dict:

@@ -47,6 +47,7 @@ def summary_line(summary: dict) -> str:
     line = (
         f"judged {summary['judgements']} pairs ({summary['judge_calls']} calls): "
         f"{summary['http_requests']} HTTP requests, {summary['cache_hits']} cache hits, "
+        f"{summary.get('repeats_shared', 0)} identical calls shared, "
         f"{summary['retries']} retries, {summary['parse_reasks']} re-asks; "
         f"invalid {sum(invalid.values())} ("
         + ", ".join(f"{dim} {invalid[dim]}" for dim in DIMENSIONS)
