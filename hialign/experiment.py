@@ -324,11 +324,13 @@ class Experiment:
             result = previous
             peft_model = PeftModel.from_pretrained(model, folder / "adapter")
         else:
+            # Seeded first: LoRA's random A matrices, dropout and batch order all follow --seed,
+            # whatever ran before (a resumed run skips the stages that would move the RNG).
+            torch.manual_seed(config.seed)
             peft_model, summary = add_block_lora(
                 model, strategy, self.blocks, config.lora_rank, config.lora_alpha,
                 config.lora_dropout,
             )  # fmt: skip
-            torch.manual_seed(config.seed)
             history = train_dpo(
                 peft_model, self.make_batch, self.reference, self.settings, self.accelerator,
                 self.autocast, desc=f"DPO {strategy}", prefix_states=self.prefix_states,

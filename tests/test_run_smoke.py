@@ -180,3 +180,17 @@ def test_changed_settings_retrain_instead_of_reusing_stale_adapters(smoke_run, h
     assert results["training"]["global"]["steps"] == 1
     rows = (copy / "generations" / "Global-Align.jsonl").read_text().splitlines()
     assert json.loads(rows[0])["model_key"] == new["fingerprint"]
+
+
+def test_a_strategy_retrained_on_resume_repeats_its_first_training(smoke_run, hh_path, tmp_path):
+    out, _ = smoke_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    first = json.loads((copy / "strategies" / "local" / "training.json").read_text())
+    shutil.rmtree(copy / "strategies" / "local")  # lost; everything before it is reused
+    torch.manual_seed(12345)  # whatever state the process happens to be in
+    torch.rand(7)
+    assert main(["run", "--smoke", "--data", str(hh_path), "--out", str(copy)]) == 0
+    again = json.loads((copy / "strategies" / "local" / "training.json").read_text())
+    assert [h["loss"] for h in again["history"]] == [h["loss"] for h in first["history"]]
+    assert again["fingerprint"] == first["fingerprint"]
