@@ -179,6 +179,10 @@ def _file_rows(path: Path) -> Iterator[tuple[str, int, object]]:
                     continue
                 try:
                     row = json.loads(raw)
+                    # JSON may escape a lone UTF-16 surrogate (\ud800) that no tokenizer takes.
+                    json.dumps(row, ensure_ascii=False).encode("utf-8")
+                except UnicodeEncodeError:
+                    row = _Skip("invalid unicode")
                 except ValueError:  # also UnicodeDecodeError
                     row = _Skip("bad json")
                 yield str(path), line_number, row

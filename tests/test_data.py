@@ -132,6 +132,7 @@ def hh_row(chosen, rejected="No.", question="Hi?", other_question="Hi?"):
 
 MALFORMED = [  # (reason, row written at line 2, after a good row)
     ("bad json", '{"chosen": "\\n\\nHuman: hi'),
+    ("invalid unicode", '{"prompt": "lone \\ud800 surrogate", "chosen": "a", "rejected": "b"}'),
     ("not an object", "[1, 2]"),
     ("missing key 'chosen'", {"rejected": transcript("Hi?", "No.")}),
     ("missing key 'rejected'", {"chosen": transcript("Hi?", "Yes.")}),
