@@ -123,7 +123,7 @@ class Experiment:
         self.log_plan()
         # Written once data, model and blocks are known to be valid, so a run that fails on its
         # inputs leaves an earlier run's config.yaml (matching its report) untouched.
-        (self.out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        self.write_config()
         self.reference = self.reference_logps()
 
         self.decoding = DecodingSettings(
@@ -142,6 +142,32 @@ class Experiment:
         if not self.main:
             return {}
         return self.evaluate()
+
+    def write_config(self) -> None:
+        """config.yaml of this run. When the folder holds an earlier run with other settings,
+        its report, results, judgements and figures are first moved aside (``*.previous*``),
+        so that a run stopped half-way never leaves a report that contradicts config.yaml."""
+        path, text = (
+            self.out / "config.yaml",
+            yaml.safe_dump(self.config.to_dict(), sort_keys=False),
+        )
+        if self.main and path.is_file() and path.read_text() != text:
+            moved = []
+            for name in ("report.md", "results.json", "judgements.jsonl", "figures", "config.yaml"):
+                old = self.out / name
+                if old.exists():
+                    stem, dot, suffix = name.partition(".")
+                    target = self.out / (f"{stem}.previous{dot}{suffix}")
+                    if target.is_dir():
+                        shutil.rmtree(target)
+                    old.replace(target)
+                    moved.append(target.name)
+            logger.warning(
+                "settings differ from the earlier run in %s: moved its %s aside until this run "
+                "writes its own", self.out, ", ".join(moved),
+            )  # fmt: skip
+        if self.main:
+            path.write_text(text)
 
     def load_data(self) -> None:
         from hialign.data import load_preferences, split_train_eval

@@ -180,6 +180,11 @@ def test_changed_settings_retrain_instead_of_reusing_stale_adapters(smoke_run, h
     assert results["training"]["global"]["steps"] == 1
     rows = (copy / "generations" / "Global-Align.jsonl").read_text().splitlines()
     assert json.loads(rows[0])["model_key"] == new["fingerprint"]
+    # The earlier run's outputs were moved aside, not left to contradict the new config.
+    previous = json.loads((copy / "results.previous.json").read_text())
+    assert previous["settings"]["beta"] == 0.1
+    assert (copy / "report.previous.md").is_file() and (copy / "figures.previous").is_dir()
+    assert "beta: 0.1" in (copy / "config.previous.yaml").read_text()
 
 
 def test_a_strategy_retrained_on_resume_repeats_its_first_training(smoke_run, hh_path, tmp_path):
