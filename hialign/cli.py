@@ -224,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         return 2
+    except KeyboardInterrupt:
+        if args.verbose:
+            raise
+        logger.error("interrupted; finished stages are kept: run the same command to resume")
+        return 130
 
 
 if __name__ == "__main__":

@@ -84,7 +84,8 @@ def run_experiment(config: RunConfig) -> dict:
     except BaseException as err:  # interrupts too: run.log says how and where the run stopped
         record = logging.LogRecord(
             logger.name, logging.ERROR, __file__, 0, "run stopped: %s: %s",
-            (type(err).__name__, err), sys.exc_info(),
+            (type(err).__name__, str(err) or "interrupted; re-run the same command to resume"),
+            sys.exc_info(),
         )  # fmt: skip
         handler.handle(record)  # the file only: the CLI prints its own one-line error
         raise

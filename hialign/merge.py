@@ -21,7 +21,17 @@ logger = logging.getLogger(__name__)
 def save_adapter(peft_model: PeftModel, out_dir: Path) -> Path:
     """Save the adapter as PEFT does (adapter_config.json + adapter_model.safetensors)."""
     peft_model.save_pretrained(out_dir, safe_serialization=True)
+    _usual_modes(Path(out_dir))
     return out_dir
+
+
+def _usual_modes(folder: Path) -> None:
+    """transformers and PEFT write weight files 0600 (and mkdtemp folders 0700); a saved model
+    is meant to be shared (vLLM servers, colleagues), so give it the umask's usual modes."""
+    mask = _umask()
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _umask() -> int:
@@ -49,12 +59,7 @@ def merge_and_save(
         tmp = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.partial-", dir=out_dir.parent))
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        # mkdtemp makes the folder owner-only and transformers writes its weight shards 0600;
-        # a saved model is meant to be shared (vLLM servers, colleagues): the usual modes.
-        mask = _umask()
-        tmp.chmod(0o777 & ~mask)
-        for file in tmp.rglob("*"):
-            file.chmod((0o777 if file.is_dir() else 0o666) & ~mask)
+        _usual_modes(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

@@ -73,3 +73,14 @@ def test_http_log_lines_lose_url_credentials():
     line = record.getMessage()
     assert "hunter2" not in line and "sk-123" not in line
     assert "http://***@127.0.0.1:8000/v1/chat?api_key=***&x=1" in line
+
+
+def test_ctrl_c_is_one_line_and_exit_code_130(monkeypatch, caplog):
+    import hialign.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hialign.cli, "_blocks", interrupted)
+    assert main(["blocks"]) == 130
+    assert "interrupted; finished stages are kept" in caplog.text

@@ -32,6 +32,8 @@ def test_merged_model_reloads_with_identical_logits(tmp_path, tokenizer):
     os.umask(mask)
     assert (tmp_path / "merged").stat().st_mode & 0o777 == 0o777 & ~mask  # not mkdtemp's 0700
     assert (tmp_path / "merged" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
+    adapter_file = tmp_path / "adapter" / "adapter_model.safetensors"
+    assert adapter_file.stat().st_mode & 0o777 == 0o666 & ~mask
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         merged_logits = merged(input_ids=ids).logits
