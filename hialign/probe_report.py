@@ -12,6 +12,7 @@ import contextlib
 import gzip
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -63,15 +64,18 @@ def read_column(spec: str, column: str) -> dict[str, str]:
         files = [path]
     else:
         raise ValueError(f"--tag-column needs local JSONL data; {spec} is not a file or folder")
-    values = {}
+    values, rows = {}, 0
     for file in files:
         opener = gzip.open if file.name.endswith(".gz") else open
         with opener(file, "rb") as handle:
             for line, raw in enumerate(handle, start=1):
                 with contextlib.suppress(ValueError):
                     row = json.loads(raw)
+                    rows += isinstance(row, dict)
                     if isinstance(row, dict) and row.get(column) is not None:
                         values[f"{file.name}:{line}"] = str(row[column])
+    if rows and not values:
+        raise ValueError(f"--tag-column {column!r}: no row of {spec} has that column")
     return values
 
 
@@ -141,7 +145,9 @@ def plot_per_layer(
     return path
 
 
-def _fmt(value: float, ci: Sequence[float]) -> str:
+def _fmt(value: float, ci: Sequence[float] | None) -> str:
+    if ci is None or not all(math.isfinite(x) for x in ci):  # one pair: no bootstrap
+        return f"{value:.3g} [n/a]"
     return f"{value:.3g} [{ci[0]:.3g}, {ci[1]:.3g}]"
 
 
@@ -253,6 +259,8 @@ def check_probe_arguments(args) -> None:
             re.compile(pattern)
         except re.error as err:
             raise ValueError(f"--subset {subset!r}: bad regular expression: {err}") from None
+    if args.tag_column:
+        read_column(args.data, args.tag_column)  # a misspelt column fails now, not after minutes
     if args.device != "auto":
         try:
             device = torch.device(args.device)

@@ -332,3 +332,24 @@ def test_bad_probe_flags_are_refused_before_anything_loads(tmp_path, flags, mess
     with pytest.raises(ValueError, match=message):
         run_probe(args)
     assert not (tmp_path / "p").exists()
+
+
+def test_a_tag_column_no_row_has_is_refused_up_front(tmp_path):
+    from hialign.cli import add_probe_arguments
+    from hialign.probe_report import run_probe
+
+    data = tmp_path / "tagged.jsonl"
+    write_tagged_rows(data)
+    parser = argparse.ArgumentParser()
+    add_probe_arguments(parser)
+    args = parser.parse_args(["--data", str(data), "--out", str(tmp_path / "p")])
+    args.tag_column = "categroy"
+    with pytest.raises(ValueError, match="--tag-column 'categroy': no row of .* has that column"):
+        run_probe(args)
+
+
+def test_intervals_without_a_bootstrap_read_n_a_not_nan():
+    from hialign.probe_report import _fmt
+
+    assert _fmt(0.5, [float("nan"), float("nan")]) == "0.5 [n/a]"
+    assert _fmt(0.5, [0.25, 0.75]) == "0.5 [0.25, 0.75]"
