@@ -137,15 +137,13 @@ def test_merged_global_model_reloads_and_differs_from_base_only_in_its_block(
 
 
 def test_rerun_resumes_without_retraining(smoke_run, hh_path):
-    out, first_seconds = smoke_run
+    out, _ = smoke_run
     before = json.loads((out / "results.json").read_text())
-    start = time.perf_counter()
     assert main(["run", "--smoke", "--data", str(hh_path), "--out", str(out)]) == 0
     after = json.loads((out / "results.json").read_text())
     assert after["comparisons"] == before["comparisons"]
     assert after["training"] == before["training"]
     assert "train global" not in after["timings"]  # nothing retrained
-    assert time.perf_counter() - start < first_seconds
     assert before["reused"] == []
     assert {"reference log-probs (cache)", "train global", "generate Global-Align"} <= set(
         after["reused"]
@@ -156,13 +154,11 @@ def test_rerun_resumes_without_retraining(smoke_run, hh_path):
 
 
 def test_strict_stops_at_the_first_malformed_row_before_loading_a_model(hh_path, tmp_path, caplog):
-    start = time.perf_counter()
     code = main(["run", "--strict", "--data", str(hh_path), "--out", str(tmp_path / "s")])
     assert code == 2
     assert "test.jsonl.gz:30" in caplog.text
     assert "human turn inside reply" in caplog.text
     assert "loaded SmolLM2" not in caplog.text
-    assert time.perf_counter() - start < 30
 
 
 def test_changed_settings_retrain_instead_of_reusing_stale_adapters(smoke_run, hh_path, tmp_path):
