@@ -217,6 +217,7 @@ class Experiment:
                 "%d (raise --max-length, or --train-pairs to compensate)",
                 len(self.too_long), len(self.train_pairs), config.max_length, len(self.tokenized),
             )  # fmt: skip
+        self.fit_eval_prompts()
         self.strategies = config.strategy_list()
         self.comparisons = plan_comparisons(self.strategies)
         self.settings = TrainSettings(
@@ -225,6 +226,31 @@ class Experiment:
             batch_size=config.batch_size, grad_accum=config.grad_accum, epochs=config.epochs,
             max_steps=config.max_steps, seed=config.seed,
         )  # fmt: skip
+
+    def fit_eval_prompts(self) -> None:
+        """Held-out prompts must leave room for the answer in the model's context window: the
+        earliest exchanges of a longer prompt are dropped (training's rule), with a warning.
+        The judge still sees the whole conversation."""
+        from hialign.tokenization import fit_prompt
+
+        context = getattr(self.base.config, "max_position_embeddings", None)
+        if not context:
+            return
+        room = context - self.config.max_new_tokens
+        if room < 1:
+            raise ValueError(
+                f"--max-new-tokens {self.config.max_new_tokens} leaves no room for a prompt in "
+                f"the model's {context}-token context"
+            )
+        fitted = [fit_prompt(self.tokenizer, p, room) for p in self.eval_prompts]
+        cut = sum(1 for _, dropped in fitted if dropped)
+        if cut:
+            logger.warning(
+                "%d held-out prompts are longer than the model's context (%d tokens) leaves "
+                "room for with %d new tokens: their earliest exchanges were dropped",
+                cut, context, self.config.max_new_tokens,
+            )  # fmt: skip
+        self.eval_prompts = [messages for messages, _ in fitted]
 
     def log_plan(self) -> None:
         n_prompts, n_groups = len(self.eval_pairs), len(self.strategies) + 1

@@ -96,6 +96,21 @@ def _drop_first_exchange(turns: list[dict]) -> list[dict]:
     return rest
 
 
+def fit_prompt(tokenizer, prompt: Sequence[dict], max_tokens: int) -> tuple[list[dict], int]:
+    """Drop a prompt's earliest exchanges (the training rule) until it renders, with its
+    generation marker, in at most ``max_tokens``; returns the messages and how many turns went.
+    A system message and the last user turn are always kept, even if still too long."""
+    head = [m for m in prompt[:1] if m["role"] == "system"]
+    turns, dropped = list(prompt[len(head) :]), 0
+    while len(_template_ids(tokenizer, head + turns, True)) > max_tokens:
+        shorter = _drop_first_exchange(turns)
+        if not shorter:
+            break
+        dropped += len(turns) - len(shorter)
+        turns = shorter
+    return head + turns, dropped
+
+
 def _fit(tokenizer, pair: PreferencePair, max_length: int, min_response_tokens: int):
     """Apply the module's truncation rule; returns ``_Fitted`` or a skip reason."""
     head = [m for m in pair.prompt[:1] if m["role"] == "system"]

@@ -19,6 +19,7 @@ from hialign.tokenization import (
     ChatTemplateError,
     TokenizedPair,
     collate_pairs,
+    fit_prompt,
     tokenize_pair,
     tokenize_pairs,
 )
@@ -437,3 +438,20 @@ def test_template_that_breaks_the_prefix_raises(tokenizer, monkeypatch):
     pair = PreferencePair((user("Hi?"),), "Hello.", "No.", "x:1")
     with pytest.raises(ChatTemplateError, match="renders the prompt differently"):
         tokenize_pair(tokenizer, pair, max_length=512)
+
+
+def test_long_eval_prompts_lose_their_earliest_exchanges_to_fit(tokenizer):
+    long = "word " * 300
+    prompt = [
+        {"role": "system", "content": "Be brief."},
+        user(long), assistant(long), user("Second question?"), assistant("Sure."), user("Last?"),
+    ]  # fmt: skip
+    text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    full = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    kept, dropped = fit_prompt(tokenizer, prompt, 100)
+    assert dropped == 2 and len(kept) == 4  # the long exchange went, system + rest stayed
+    assert kept[0]["role"] == "system" and kept[-1]["content"] == "Last?"
+    assert fit_prompt(tokenizer, prompt, 10_000) == (prompt, 0)
+    only_last, dropped = fit_prompt(tokenizer, prompt, 5)  # cannot fit: keeps the last turn
+    assert [m["content"] for m in only_last] == ["Be brief.", "Last?"] and dropped == 4
+    assert full > 100
