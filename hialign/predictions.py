@@ -39,17 +39,17 @@ def _all(parts) -> bool | None:
 # "Significant" = NWR 95% CI excludes 0 and exact binomial p < 0.05 (see stats.significance).
 
 
-def _ci_above_zero(row):
+def _significantly_above(row):
     sign = significance(row)
     return None if sign is None else sign == 1
 
 
-def _ci_below_zero(row):
+def _significantly_below(row):
     sign = significance(row)
     return None if sign is None else sign == -1
 
 
-def _ci_includes_zero(row):
+def _not_significant(row):
     sign = significance(row)
     return None if sign is None else sign == 0
 
@@ -68,8 +68,8 @@ def _quote(cells: dict, comparison: str, dimension: str) -> str:
 
 def _prediction_local(cells: dict) -> dict:
     local = _versus_full(LOCAL)
-    parts = [_ci_above_zero(cells.get((local, GRAMMAR)))]
-    parts += [_ci_includes_zero(cells.get((local, dim))) for dim in (COHERENCE, FACTUALITY)]
+    parts = [_significantly_above(cells.get((local, GRAMMAR)))]
+    parts += [_not_significant(cells.get((local, dim))) for dim in (COHERENCE, FACTUALITY)]
     return {
         "id": "i",
         "statement": f"{LOCAL} improves {GRAMMAR} over {FULL_DPO} significantly (NWR 95% CI "
@@ -91,7 +91,7 @@ def _prediction_global(cells: dict) -> dict:
             # A tie for the top (e.g. every row all ties) cannot decide "best": undecided.
             if mine["net_win_rate"] != best_rival:
                 highest = mine["net_win_rate"] > best_rival
-        above = _ci_above_zero(mine)
+        above = _significantly_above(mine)
         parts += [highest, above]
         rival_nwr = ", ".join(
             f"{group} {'n/a' if r is None else format(r['net_win_rate'], '+.3f')}"
@@ -120,7 +120,7 @@ def _prediction_tax(cells: dict, dimensions: list[str]) -> dict:
         f"strategies are judged only against {FULL_DPO}, not {BASE}, so this tests a necessary "
         "consequence of 'avoids the tax', not the claim itself."
     )
-    tax = {dim: _ci_below_zero(cells.get((TAX_COMPARISON, dim))) for dim in dimensions}
+    tax = {dim: _significantly_below(cells.get((TAX_COMPARISON, dim))) for dim in dimensions}
     taxed = [dim for dim, paid in tax.items() if paid]
     # Every strategy judged against Full-DPO counts, unions of blocks included.
     rivals = ordered(c for c, _ in cells if c.endswith(f" vs. {FULL_DPO}"))
@@ -131,7 +131,7 @@ def _prediction_tax(cells: dict, dimensions: list[str]) -> dict:
     elif not rivals:
         held, evidence = None, f"no hierarchical strategy was judged against {FULL_DPO}"
     else:
-        held = _all(_ci_above_zero(cells.get((name, d))) for d in taxed for name in rivals)
+        held = _all(_significantly_above(cells.get((name, d))) for d in taxed for name in rivals)
         quotes = [_quote(cells, name, d) for d in taxed for name in [TAX_COMPARISON, *rivals]]
         evidence = "; ".join(quotes)
     return {"id": "iii", "statement": statement, "held": held, "evidence": evidence}

@@ -95,12 +95,20 @@ def objective_groups(
         if untagged:
             logger.warning("%d probed pairs have no value in the tag column", untagged)
     for subset in subsets:
-        name, sep, pattern = subset.partition("=")
-        if not sep or not name or not pattern:
-            raise ValueError(f"--subset {subset!r} is not of the form NAME=REGEX")
-        regex = re.compile(pattern, re.IGNORECASE)
+        name, regex = parse_subset(subset)
         groups[name] = [i for i, p in enumerate(pairs) if regex.search(render_prompt(p))]
     return groups
+
+
+def parse_subset(subset: str) -> tuple[str, re.Pattern]:
+    """``NAME=REGEX`` -> (name, case-insensitive pattern); errors name the flag."""
+    name, sep, pattern = subset.partition("=")
+    if not sep or not name or not pattern:
+        raise ValueError(f"--subset {subset!r} is not of the form NAME=REGEX")
+    try:
+        return name, re.compile(pattern, re.IGNORECASE)
+    except re.error as err:
+        raise ValueError(f"--subset {subset!r}: bad regular expression: {err}") from None
 
 
 def plot_per_layer(
@@ -172,10 +180,9 @@ def markdown_report(result: dict) -> str:
     ]
     for group, summary in result["groups"].items():
         lines += [f"## {group} ({summary['n_pairs']} pairs)", "", summary["sentence"], ""]
-        lines += [
-            "| block | layers | params | E‖g‖ raw [95% CI] | E‖g‖/√params [95% CI] | share |",
-            "|---|---|---:|---|---|---:|",
-        ]
+        header = "| block | layers | params | E‖g‖ raw [95% CI] "
+        header += "| E‖g‖/√params [95% CI] | share |"
+        lines += [header, "|---|---|---:|---|---|---:|"]
         for b in summary["blocks"]:
             lines.append(
                 f"| {b['name']} | {b['layers'][0]}-{b['layers'][1]} | {b['params']:,} | "
@@ -252,13 +259,7 @@ def check_probe_arguments(args) -> None:
     if args.min_block_size is not None and args.min_block_size < 1:
         raise ValueError(f"--min-block-size must be >= 1, got {args.min_block_size}")
     for subset in args.subset or []:
-        name, sep, pattern = subset.partition("=")
-        if not sep or not name or not pattern:
-            raise ValueError(f"--subset {subset!r} is not of the form NAME=REGEX")
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise ValueError(f"--subset {subset!r}: bad regular expression: {err}") from None
+        parse_subset(subset)
     if args.tag_column:
         read_column(args.data, args.tag_column)  # a misspelt column fails now, not after minutes
     if args.device != "auto":

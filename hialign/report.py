@@ -205,7 +205,8 @@ def _significance_section(rows: list[dict]) -> list[str]:
     header = ["Comparison", "Dimension", "N", "NWR [95% CI]", "Win rate excl. ties [Wilson 95% CI]"]
     header = (["Model"] if several else []) + header + ["p (exact binomial)", "significant"]
     note = (
-        "NWR = (W − L)/N with a delta-method interval (tie share fixed, not clipped to [−1, 1]); "
+        "NWR = (W − L)/N with a delta-method interval (tie share fixed, "
+        "not clipped to [−1, 1]); "
         "win rate excluding ties W/(W + L) with a Wilson interval; two-sided exact binomial test "
         f"of W in W + L at 0.5. The {len(stats)} p-values are not corrected for multiple testing "
         f"(Bonferroni would need p < {ALPHA / max(1, len(stats)):.2g}). A difference counts as "
@@ -261,7 +262,8 @@ def _number(value, spec: str) -> str:
 def _training_section(training: dict) -> list[str]:
     if not training:
         return ["## Training", "", NOT_RECORDED, ""]
-    header = ["Strategy", "Steps", "Loss first → final", "Reward acc.", "Reward margin", "Seconds"]
+    header = ["Strategy", "Steps", "Loss first → final", "Reward acc."]
+    header += ["Reward margin", "Seconds"]
     body = [
         [
             name,

@@ -48,7 +48,8 @@ def sequence_logp(model, prompt: tuple[int, ...], response: tuple[int, ...]) -> 
 
 
 def direct_layer_sq_norms(model, pair: TokenizedPair, beta: float = BETA) -> torch.Tensor:
-    """(L,) ‖∂ℓ/∂W‖² per layer by plain autograd on one unpadded pair, weights as the leaves."""
+    """(L,) ‖∂ℓ/∂W‖² per layer by plain autograd on one unpadded pair,
+    weights as the leaves."""
     chosen = sequence_logp(model, pair.prompt_ids, pair.chosen_ids)
     rejected = sequence_logp(model, pair.prompt_ids, pair.rejected_ids)
     ref_chosen, ref_rejected = chosen.detach(), rejected.detach()
